@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,264 @@
+"""Continuous batching: admission, chunked prefill mixed with decodes, retraction. CPU-only logic.
+
+`schedule()` picks the requests of one step and how many of their tokens to compute; the model runner
+computes them; `postprocess()` appends the sampled tokens, checks stops, caches finished prefixes and
+frees pages. The scheduler never touches a tensor.
+
+Page ownership: a request's page_table starts with pages matched in the radix cache (owned by the
+cache, locked through req.cache_node); every page it allocates is in req.owned_pages until it is
+inserted into the cache, which then owns it. On finish the request frees what it still owns.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gyre.engine.config import EngineConfig
+from gyre.engine.kv_pool import KVPool
+from gyre.engine.radix_cache import RadixCache
+from gyre.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    reqs: list[Request]
+    num_new: list[int]  # tokens of each request computed this step
+
+    @property
+    def sampling(self) -> list[bool]:
+        """Which requests sample a token this step (their prefill/decode reaches the last token)."""
+        return [r.num_computed + n == r.num_tokens for r, n in zip(self.reqs, self.num_new)]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, pool: KVPool, cache: RadixCache | None,
+                 on_finish: Callable[[Request], None], reclaim: Callable[[], bool] | None = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.cache = cache
+        self.on_finish = on_finish
+        self.reclaim = reclaim  # releases locks held by idle sessions; True if it freed anything
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.version = 0
+        self.num_retractions = 0
+        self.num_prefill_tokens = 0  # tokens computed by prefills (excludes decodes)
+        self.num_prompt_tokens = 0  # prompt tokens admitted (incl. cache hits)
+        self.num_cached_tokens = 0  # prompt tokens served from the cache
+
+    # -- public -------------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> ScheduledBatch | None:
+        budget = self.config.max_batch_tokens
+        reqs: list[Request] = []
+        num_new: list[int] = []
+        # 1) decodes, oldest first; pages for them may come from evicting the cache or retracting the newest
+        for req in sorted(self.running, key=lambda r: r.arrival):
+            if req.status != Status.RUNNING or req.num_uncomputed != 1 or budget == 0:
+                continue
+            if not self._reserve(req, req.num_tokens, protected=reqs):
+                continue  # req itself was retracted
+            reqs.append(req)
+            num_new.append(1)
+            budget -= 1
+        # 2) chunked prefills already running, then admissions
+        for req in sorted(self.running, key=lambda r: r.arrival):
+            if budget == 0:
+                break
+            if req.num_uncomputed > 1 and req not in reqs:
+                chunk = min(req.num_uncomputed, budget)
+                reqs.append(req)
+                num_new.append(chunk)
+                budget -= chunk
+        in_prefill = [r for r in self.running if r.num_uncomputed > 1]
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting.popleft()
+            if self._shares_pending_prefix(req, in_prefill):
+                deferred.append(req)  # prefill once: wait for the sibling's prefix to enter the cache
+                continue
+            admitted = self._admit(req)
+            if admitted is None:
+                continue  # could never fit: finished with "abort"
+            if not admitted:
+                self.waiting.appendleft(req)
+                break
+            chunk = min(req.num_uncomputed, budget)
+            reqs.append(req)
+            num_new.append(chunk)
+            budget -= chunk
+            in_prefill.append(req)
+        self.waiting.extendleft(reversed(deferred))
+        if not reqs:
+            return None
+        return ScheduledBatch(reqs, num_new)
+
+    def postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list[float | None],
+                    tops: list[dict[int, float] | None], check_stop: Callable[[Request], str | None]) -> None:
+        """Advance each request by its computed tokens; append sampled tokens (None for non-sampling rows)."""
+        for req, n, tok, lp, top in zip(batch.reqs, batch.num_new, tokens, logprobs, tops):
+            if req.status != Status.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed += n
+            if not req.is_decoding:
+                self.num_prefill_tokens += n
+            if tok is None:
+                continue
+            if not req.is_decoding:
+                req.is_decoding = True
+                self._cache_prefix(req)  # siblings sharing this prompt can now match it
+            req.output_ids.append(tok)
+            req.output_logprobs.append(lp)
+            if req.sampling.top_logprobs:
+                req.top_logprobs.append(top or {})
+            req.output_versions.append(self.version)
+            reason = check_stop(req)
+            if reason is not None:
+                self.finish(req, reason)
+            elif req.on_token is not None:
+                req.on_token(req)
+
+    def finish(self, req: Request, reason: str, abort_reason: str | None = None) -> None:
+        """End a request (any state) with its partial output; frees what it owns."""
+        if req.status == Status.FINISHED:
+            return
+        if req.status == Status.WAITING:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        else:
+            self._cache_prefix(req)
+            self._release(req, keep_lock=req.keep_lock)
+            self.running.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.abort_reason = abort_reason
+        self.on_finish(req)
+
+    def retract(self, req: Request) -> None:
+        """Free a running request's KV and requeue it first; it recomputes prompt + output later."""
+        self._release(req)
+        req.num_computed = 0
+        req.status = Status.WAITING
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.num_retractions += 1
+
+    def set_version(self, version: int) -> None:
+        """New weights: running requests' KV is stale (never cached); the cache drops old versions."""
+        self.version = version
+        for req in self.running:
+            req.kv_stale = True
+        if self.cache is not None:
+            self.cache.set_version(version)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _alloc(self, n: int) -> list[int] | None:
+        pages = self.pool.alloc(n)
+        if pages is None and self.cache is not None:
+            self.cache.evict(n - self.pool.num_free_pages)
+            pages = self.pool.alloc(n)
+        if pages is None and self.reclaim is not None and self.reclaim():
+            if self.cache is not None:
+                self.cache.evict(n - self.pool.num_free_pages)
+            pages = self.pool.alloc(n)
+        return pages
+
+    def _reserve(self, req: Request, num_tokens: int, protected: list[Request]) -> bool:
+        """Pages for req's first num_tokens tokens; retracts the newest other requests if needed."""
+        need = self.pool.pages_needed(num_tokens) - len(req.page_table)
+        while need > 0:
+            pages = self._alloc(need)
+            if pages is not None:
+                req.page_table.extend(pages)
+                req.owned_pages.update(pages)
+                return True
+            victims = [r for r in self.running if r is not req and r not in protected]
+            victim = max(victims, key=lambda r: r.arrival) if victims else req
+            if victim is req and not victims and not protected:
+                self.finish(req, "abort", "out of KV cache memory")
+                return False
+            self.retract(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _shares_pending_prefix(self, req: Request, in_prefill: list[Request]) -> bool:
+        if self.cache is None or not in_prefill:
+            return False
+        ps = self.pool.page_size
+        head = req.all_ids[:ps]
+        if len(head) < ps:
+            return False
+        return any(r.all_ids[:ps] == head for r in in_prefill)
+
+    def _admit(self, req: Request) -> bool | None:
+        """True: admitted; False: not now (no memory yet); None: can never run, finished with abort."""
+        ids = req.all_ids
+        matched_pages: list[int] = []
+        node = None
+        if self.cache is not None:
+            m = self.cache.match_prefix(ids[: len(ids) - 1], self.version)  # >= 1 token left to compute
+            matched_pages, node = m.pages, m.node
+            self.cache.lock(node)
+        need = self.pool.pages_needed(len(ids)) - len(matched_pages)
+        pages = self._alloc(need)
+        if pages is None:
+            if node is not None:
+                self.cache.unlock(node)
+            if not self.running:  # nothing will ever free memory for it
+                self.finish(req, "abort", "out of KV cache memory")
+                return None
+            return False
+        req.cache_node = node
+        req.page_table = matched_pages + pages
+        req.owned_pages = set(pages)
+        req.num_computed = len(matched_pages) * self.pool.page_size
+        req.kv_stale = False
+        req.is_decoding = False
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = req.num_computed
+            self.num_prompt_tokens += len(req.prompt_ids)
+            self.num_cached_tokens += req.num_computed
+        req.status = Status.RUNNING
+        self.running.append(req)
+        return True
+
+    def _cache_prefix(self, req: Request) -> None:
+        """Insert the full pages of req's computed tokens into the cache; the cache takes their ownership."""
+        if self.cache is None or req.kv_stale:
+            return
+        n_full = req.num_computed // self.pool.page_size
+        if n_full == 0:
+            return
+        pages = req.page_table[:n_full]
+        node, num_dup = self.cache.insert(req.all_ids[: n_full * self.pool.page_size], pages, self.version)
+        self.cache.lock(node)
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.cache_node = node
+        req.owned_pages.difference_update(pages[num_dup:])
+
+    def _release(self, req: Request, keep_lock: Callable | None = None) -> None:
+        if req.cache_node is not None:
+            if keep_lock is not None:
+                keep_lock(req.cache_node)  # a session takes over the lock
+            else:
+                self.cache.unlock(req.cache_node)
+            req.cache_node = None
+        self.pool.free(req.owned_pages)
+        req.owned_pages = set()
+        req.page_table = []
