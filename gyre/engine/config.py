@@ -28,15 +28,17 @@ class EngineConfig:
 
     # scheduling
     max_batch_tokens: int = 8192  # tokens computed per step (prefill chunks + decodes)
-    max_running_requests: int = 512
+    max_running_requests: int = 1024
     max_model_len: int | None = None  # None -> the model's max_position_embeddings
     session_timeout_s: float = 1800.0  # idle sessions are closed after this
 
     # execution
     attention_backend: str = "auto"  # "torch" on CPU, "triton" on GPU unless flashinfer is asked for
     cuda_graph: bool = True
-    cuda_graph_max_bs: int = 256
+    cuda_graph_max_bs: int = 512
+    cuda_graph_max_seq_len: int = 8192  # decode batches with longer sequences run eagerly
     deterministic: bool = False
+    overlap_schedule: bool = True  # host schedules step t+1 while the device runs step t
 
     # parallelism
     tp_size: int = 1

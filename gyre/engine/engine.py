@@ -24,7 +24,7 @@ from gyre.engine.config import EngineConfig
 from gyre.engine.model_runner import ModelRunner
 from gyre.engine.radix_cache import RadixCache
 from gyre.engine.request import Completion, Request, SamplingParams, Status
-from gyre.engine.scheduler import Scheduler
+from gyre.engine.scheduler import NeedSync, Scheduler
 from gyre.engine.session import Session
 from gyre.engine.tokens import TokenizerHelper
 from gyre.engine.weight_update import WeightUpdater
@@ -60,6 +60,9 @@ class Engine:
         self._tokens_generated = 0
         self._started = time.monotonic()
         self._last_integrity_check = 0.0
+        self._inflight = None  # the launched, unresolved step (overlapped scheduling)
+        self._check_stop = self.tokens.check_stop_fn(self.runner.max_model_len)
+        self.scheduler.max_model_len = self.runner.max_model_len
         self._thread = threading.Thread(target=self._loop, name="gyre-engine", daemon=True)
         self._thread.start()
 
@@ -331,6 +334,7 @@ class Engine:
                     self.scheduler.finish(req, "abort", "aborted by the caller")
         elif kind == "call":
             _, fn, fut = msg
+            self._sync()  # control calls see no step in flight
             try:
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - the caller gets the error
@@ -351,57 +355,84 @@ class Engine:
                 return
 
     def _loop(self) -> None:
+        """Overlapped: while step t runs on the device, the host schedules and launches step t+1, then
+        resolves step t. Control calls, retraction and MoE routing capture resolve the in-flight step
+        first, so they always see a settled state."""
         while not self._stopped:
             held = self._paused or self._paused_for_memory
-            self._drain(block=self.scheduler.is_idle or held)
+            self._drain(block=(self.scheduler.is_idle or held) and self._inflight is None)
             if self._stopped:
                 break
-            if self._paused or self._paused_for_memory:
+            if held:
+                self._sync()
                 continue
             self._expire_sessions()
-            batch = self.scheduler.schedule()
-            if batch is None:
-                self._idle_checks()
-                continue
+            overlap = self.config.overlap_schedule and self._inflight is not None
             try:
-                out, experts = self.runner.run(batch)
-            except Exception as e:  # a failed step ends its requests, never the engine
-                log.error("step failed: %s", traceback.format_exc())
-                for req in batch.reqs:
-                    self.scheduler.finish(req, "abort", f"engine error: {type(e).__name__}: {e}")
-                continue
-            self._step_count += 1
-            self._deliver(batch, out, experts)
+                batch = self.scheduler.schedule(overlap=overlap)
+            except NeedSync:
+                self._sync()
+                batch = self.scheduler.schedule()
+            handle = None
+            if batch is not None:
+                try:
+                    handle = self.runner.launch(batch, self._inflight)
+                except Exception as e:  # a failed step ends its requests, never the engine
+                    self._fail(batch, e)
+                else:
+                    self.scheduler.advance(batch)
+                    self._step_count += 1
+            self._sync()
+            self._inflight = handle
+            if handle is not None and (not self.config.overlap_schedule or handle.experts):
+                self._sync()
+            if batch is None and self._inflight is None:
+                self._idle_checks()
+        self._sync()
         for req in list(self._requests.values()):  # shutdown: nothing accepted is lost silently
             self.scheduler.finish(req, "abort", "engine shut down")
 
-    def _deliver(self, batch, out, experts) -> None:
-        sampling = batch.sampling
+    def _sync(self) -> None:
+        """Resolve the in-flight step: its tokens reach the requests, stops are checked."""
+        handle, self._inflight = self._inflight, None
+        if handle is None:
+            return
+        try:
+            out = handle.wait()
+        except Exception as e:
+            self._fail(handle.batch, e)
+            return
+        self._deliver(handle, out)
+
+    def _fail(self, batch, error: Exception) -> None:
+        log.error("step failed: %s", traceback.format_exc())
+        for req in batch.reqs:
+            self.scheduler.finish(req, "abort", f"engine error: {type(error).__name__}: {error}")
+
+    def _deliver(self, handle, out) -> None:
+        batch = handle.batch
         tokens: list = [None] * len(batch.reqs)
         logprobs: list = [None] * len(batch.reqs)
         tops: list = [None] * len(batch.reqs)
         k = 0
-        for i, s in enumerate(sampling):
+        for i, s in enumerate(batch.sampling):
             if s:
                 tokens[i], logprobs[i], tops[i] = out.tokens[k], out.logprobs[k], out.top_logprobs[k]
                 k += 1
-        if experts:
-            self._record_experts(batch, experts)
+        if handle.experts:
+            self._record_experts(batch, handle.starts, handle.experts)
         self._tokens_generated += k
-        self.scheduler.postprocess(batch, tokens, logprobs, tops, self.tokens.check_stop_fn(self.max_model_len))
+        self.scheduler.resolve(batch, tokens, logprobs, tops, self._check_stop)
 
-    def _record_experts(self, batch, experts: list[torch.Tensor]) -> None:
+    def _record_experts(self, batch, starts: list[int], experts: list[torch.Tensor]) -> None:
         """Per computed token of requests that asked: expert ids [moe_layer][k]."""
         stacked = torch.stack(experts, dim=1).tolist()  # [T, L, k]
         offset = 0
-        for req, n in zip(batch.reqs, batch.num_new):
+        for req, start, n in zip(batch.reqs, starts, batch.num_new):
             if req.sampling.return_routed_experts:
-                start = req.num_computed
-                keep = len(req.routed_experts)
                 # a recompute (retraction) revisits positions already recorded: keep the first record
-                for pos in range(start, start + n):
-                    if pos >= keep:
-                        req.routed_experts.append(stacked[offset + pos - start])
+                for pos in range(max(start, len(req.routed_experts)), start + n):
+                    req.routed_experts.append(stacked[offset + pos - start])
             offset += n
 
     def _idle_checks(self) -> None:

@@ -14,7 +14,7 @@ from gyre.engine.kv_pool import KVPool
 from gyre.engine.layers.attention import AttentionBackend, AttentionMetadata, make_backend
 from gyre.engine.models import model_class
 from gyre.engine.request import Request
-from gyre.engine.sampler import SampleOutput, Sampler
+from gyre.engine.sampler import DeviceSample, SampleOutput, Sampler, to_host
 from gyre.engine.scheduler import ScheduledBatch
 from gyre.engine.weights import init_dummy, load_checkpoint
 
@@ -55,6 +55,9 @@ class ModelRunner:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend = make_backend(backend, self.pool)
         self.sampler = Sampler(self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graph:
+            self.init_cuda_graphs()
 
     # -- construction -------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
@@ -100,66 +103,145 @@ class ModelRunner:
 
     def on_memory_released(self) -> None:
         if self.device.type == "cuda":
+            self.graphs = None  # they point at the released buffers
             torch.cuda.empty_cache()
 
     def on_memory_resumed(self) -> None:
-        pass
+        if self.device.type == "cuda" and self.config.cuda_graph and self.graphs is None and not self.pool.is_released:
+            self.init_cuda_graphs()
 
     # -- one step -----------------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Host-side tensors of one step: input ids, positions, attention metadata, logit rows."""
+    def prepare(self, batch: ScheduledBatch) -> dict[str, Any]:
+        """Host-side tensors of one step: input ids, positions, slots, page table, lengths, logit rows,
+        and `fills`: (input row, row in the in-flight step's samples) for tokens still pending."""
         ps = self.pool.page_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        fill_rows, fill_src = [], []
         seq_lens, q_lens, cu, logit_rows = [], [], [0], []
         for req, n, samples in zip(batch.reqs, batch.num_new, batch.sampling):
             start = req.num_computed
-            all_ids = req.all_ids
-            ids.extend(all_ids[start:start + n])
+            if req.num_pending:  # its last token is pending: the device fills it in
+                fill_rows.append(len(ids) + n - 1)
+                fill_src.append(req.pending_index)
+            ids.extend(req.token_range(start, start + n))
             pos = range(start, start + n)
             positions.extend(pos)
             table = req.page_table
-            slots.extend(table[p // ps] * ps + p % ps for p in pos)
+            slots.extend([table[p // ps] * ps + p % ps for p in pos])
             seq_lens.append(start + n)
             q_lens.append(n)
             cu.append(cu[-1] + n)
             if samples:
                 logit_rows.append(cu[-1] - 1)
-        max_pages = max(len(r.page_table) for r in batch.reqs)
-        table = torch.zeros(len(batch.reqs), max_pages, dtype=torch.int32)
-        for i, r in enumerate(batch.reqs):
-            table[i, : len(r.page_table)] = torch.tensor(r.page_table, dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            page_table=table.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
-            max_q_len=max(q_lens),
-            seq_lens_cpu=seq_lens,
-            q_lens_cpu=q_lens,
-            is_decode=all(n == 1 for n in q_lens),
-        )
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        return input_ids, pos_t, meta, logit_rows
+        num_pages = [(n + ps - 1) // ps for n in seq_lens]
+        width = max(num_pages)
+        table = torch.tensor([r.page_table[:n] + [0] * (width - n) for r, n in zip(batch.reqs, num_pages)],
+                             dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.int64),
+            "positions": torch.tensor(positions, dtype=torch.int64),
+            "slot_mapping": torch.tensor(slots, dtype=torch.int64),
+            "page_table": table,
+            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+            "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32),
+            "seq_lens_cpu": seq_lens,
+            "q_lens_cpu": q_lens,
+            "logit_rows": logit_rows,
+            "fill_rows": fill_rows,
+            "fill_src": fill_src,
+        }
+
+    def init_cuda_graphs(self) -> None:
+        from gyre.engine.cuda_graph import CudaGraphRunner
+
+        max_seq = min(self.config.cuda_graph_max_seq_len, self.max_model_len)
+        self.graphs = CudaGraphRunner(self, min(self.config.cuda_graph_max_bs, self.config.max_running_requests),
+                                      max_seq)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _fill_pending(self, input_ids: torch.Tensor, h: dict[str, Any], prev: StepHandle | None) -> None:
+        if h["fill_rows"]:
+            assert prev is not None, "a pending token without an in-flight step"
+            rows = self._to_device(torch.tensor(h["fill_rows"], dtype=torch.int64))
+            src = self._to_device(torch.tensor(h["fill_src"], dtype=torch.int64))
+            input_ids.index_copy_(0, rows, prev.device_sample.tokens.index_select(0, src))
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, capture_experts: bool = False) -> tuple[torch.Tensor, Any]:
+    def forward(self, batch: ScheduledBatch, capture_experts: bool = False,
+                prev: StepHandle | None = None) -> tuple[torch.Tensor, Any]:
         """Runs the model; returns (logits [N, V] of the sampling rows, routed experts or None)."""
-        input_ids, positions, meta, logit_rows = self.prepare(batch)
+        h = self.prepare(batch)
+        is_decode = all(n == 1 for n in h["q_lens_cpu"])
+        graphs = self.graphs
+        if (graphs is not None and is_decode and not capture_experts
+                and graphs.can_run(len(batch.reqs), h["page_table"].shape[1])):
+            bs = len(batch.reqs)
+            graphs.load_inputs(h["input_ids"], h["positions"], h["slot_mapping"], h["page_table"], h["seq_lens"])
+            self._fill_pending(graphs.input_ids[:bs], h, prev)
+            return graphs.replay(bs), None
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(h["slot_mapping"]),
+            page_table=self._to_device(h["page_table"]),
+            seq_lens=self._to_device(h["seq_lens"]),
+            cu_seqlens_q=self._to_device(h["cu_seqlens_q"]),
+            max_q_len=max(h["q_lens_cpu"]),
+            seq_lens_cpu=h["seq_lens_cpu"],
+            q_lens_cpu=h["q_lens_cpu"],
+            is_decode=is_decode,
+        )
         self.backend.prepare(meta)
         ctx = ForwardContext(self.backend, meta, [] if capture_experts else None)
-        hidden = self.model(input_ids, positions, ctx)
-        rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
+        input_ids = self._to_device(h["input_ids"])
+        self._fill_pending(input_ids, h, prev)
+        hidden = self.model(input_ids, self._to_device(h["positions"]), ctx)
+        rows = self._to_device(torch.tensor(h["logit_rows"], dtype=torch.int64))
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         return logits, ctx.routed_experts
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, masks: torch.Tensor | None = None) -> tuple[SampleOutput, Any]:
-        logits, experts = self.forward(batch, capture_experts=any(r.sampling.return_routed_experts for r in batch.reqs))
+    def launch(self, batch: ScheduledBatch, prev: StepHandle | None = None,
+               masks: torch.Tensor | None = None) -> StepHandle:
+        """Queue one step on the device (forward + sampling) without waiting for it."""
+        capture = any(r.sampling.return_routed_experts for r in batch.reqs)
+        starts = [r.num_computed for r in batch.reqs]
+        logits, experts = self.forward(batch, capture_experts=capture, prev=prev)
         sampling_reqs: list[Request] = [r for r, s in zip(batch.reqs, batch.sampling) if s]
-        if not sampling_reqs:
-            return SampleOutput([], [], []), experts
-        return self.sampler(logits, sampling_reqs, masks), experts
+        sample = self.sampler.sample(logits, sampling_reqs, masks) if sampling_reqs else None
+        return StepHandle(batch, sample, experts, starts)
+
+    def run(self, batch: ScheduledBatch, masks: torch.Tensor | None = None) -> tuple[SampleOutput, Any]:
+        """One synchronous step: launch and wait."""
+        handle = self.launch(batch, None, masks)
+        return handle.wait(), handle.experts
+
+
+class StepHandle:
+    """A launched step. `wait()` brings its samples to the host (the only per-step synchronisation)."""
+
+    def __init__(self, batch: ScheduledBatch, device_sample: DeviceSample | None, experts: Any,
+                 starts: list[int]) -> None:
+        self.batch = batch
+        self.device_sample = device_sample
+        self.experts = experts
+        self.starts = starts  # num_computed of each request when the step was built
+        self._host: tuple | None = None
+        if device_sample is not None and device_sample.tokens.is_cuda:
+            self._host = (device_sample.tokens.to("cpu", non_blocking=True),
+                          device_sample.logprobs.to("cpu", non_blocking=True))
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> SampleOutput:
+        d = self.device_sample
+        if d is None:
+            return SampleOutput([], [], [])
+        if self._host is not None:
+            self._event.synchronize()
+            d = DeviceSample(self._host[0], self._host[1], d.top_values, d.top_ids, d.top_counts)
+        return to_host(d)

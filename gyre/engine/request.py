@@ -128,9 +128,13 @@ class Request:
     """Engine-side state of one sequence. Mutated only by the engine loop thread.
 
     Invariant: the KV of all_ids[:num_computed] is in pages page_table[:ceil(num_computed / page_size)].
-    A step computes all_ids[num_computed:num_computed + chunk]; when num_computed reaches len(all_ids)
+    A step computes tokens [num_computed, num_computed + chunk); when num_computed reaches num_tokens
     the last position's logits are sampled. Retraction sets num_computed = 0 and frees the pages; the
     recompute runs as an ordinary prefill over prompt + output, so nothing special is needed later.
+
+    Overlapped scheduling: a token sampled by a step still running on the device is `pending` (counted
+    in num_tokens, not yet in output_ids); the next step reads it on the device (pending_index into the
+    in-flight step's sampled tokens). At most one token is pending when a step is scheduled.
     """
 
     def __init__(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int,
@@ -150,6 +154,9 @@ class Request:
         self.owned_pages: set[int] = set()  # pages this request must free (not owned by the prefix cache)
         self.cache_node: Any = None  # radix node locked by this request
         self.num_computed = 0
+        self.num_pending = 0  # sampled on the device, not yet resolved into output_ids
+        self.pending_index = -1  # row of the pending token in the in-flight step's sampled tokens
+        self.cache_on_resolve = False  # its prefill completed in the in-flight step
         self.is_decoding = False  # a token was sampled since the last admission (so steps are decodes)
         self.kv_stale = False  # weights changed while its KV was live: never insert it into the cache
         self.keep_lock: Any = None  # callable(node): a session takes over the cache lock at finish
@@ -164,11 +171,28 @@ class Request:
 
     @property
     def all_ids(self) -> list[int]:
+        """Resolved tokens (prompt + output); excludes a pending token."""
         return self.prompt_ids + self.output_ids
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output without copying the whole sequence; a pending token
+        reads as 0 (the device fills it in)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            out = self.output_ids[start - p:end - p]
+        elif end <= p:
+            return self.prompt_ids[start:end]
+        else:
+            out = self.prompt_ids[start:] + self.output_ids[:end - p]
+        return out + [0] * (end - start - len(out))
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.num_pending
 
     @property
     def num_uncomputed(self) -> int:

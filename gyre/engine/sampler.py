@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from gyre.engine.request import Request
-from gyre.kernels.random import gumbel_noise
+from gyre.kernels.sampling import logprobs_of, logprobs_of_ref, sample, sample_ref
 
 
 @dataclass
@@ -23,58 +23,56 @@ class SampleOutput:
     top_logprobs: list[dict[int, float] | None]
 
 
-def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] float32 and per-row parameters [B] -> tokens [B] int64 (reference semantics)."""
-    greedy = temperature <= 0
-    z = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    vocab = z.shape[1]
-    keep = torch.ones_like(z, dtype=torch.bool)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    if bool((k < vocab).any()):
-        kth = torch.topk(z, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None].to(torch.int64))
-        keep &= z >= kth
-    probs = torch.softmax(z, dim=-1)
-    if bool((min_p > 0).any()):
-        keep &= probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    if bool((top_p < 1).any()):
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly above each token
-        keep_sorted = before < top_p[:, None]
-        keep &= torch.zeros_like(keep).scatter(1, order, keep_sorted)
-    noisy = torch.where(keep, z + gumbel_noise(seeds, steps, vocab).to(z.device), float("-inf"))
-    return torch.where(greedy, logits.argmax(dim=-1), noisy.argmax(dim=-1))
+@dataclass
+class DeviceSample:
+    """A step's samples, still on the device (the next step may read tokens before the host does)."""
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32
+    top_values: torch.Tensor | None  # [B, k] float32
+    top_ids: torch.Tensor | None  # [B, k] int64
+    top_counts: list[int]  # top_logprobs asked by each row
 
 
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request], masks: torch.Tensor | None = None) -> SampleOutput:
-        """logits [B, V] float32, one row per request; masks [B, V] bool (True = allowed) or None."""
+    def sample(self, logits: torch.Tensor, reqs: list[Request], masks: torch.Tensor | None = None) -> DeviceSample:
+        """logits [B, V] float32, one row per request; masks [B, V] bool (True = allowed) or None.
+        Launches everything asynchronously; nothing waits for the device."""
         if masks is not None:
             logits = logits.masked_fill(~masks, float("-inf"))
         sp = [r.sampling for r in reqs]
         dev = logits.device
-        temperature = torch.tensor([s.temperature for s in sp], dtype=torch.float32, device=dev)
-        tokens = sample_torch(
-            logits,
-            temperature,
-            torch.tensor([s.top_k for s in sp], dtype=torch.int32, device=dev),
-            torch.tensor([s.top_p for s in sp], dtype=torch.float32, device=dev),
-            torch.tensor([s.min_p for s in sp], dtype=torch.float32, device=dev),
-            torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
-            torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev),
-        )
-        t_eff = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-        logp = torch.log_softmax(logits / t_eff[:, None], dim=-1)
-        chosen = logp.gather(1, tokens[:, None]).squeeze(1)
-        max_top = max(s.top_logprobs for s in sp)
-        tops: list[dict[int, float] | None] = [None] * len(reqs)
-        if max_top > 0:
-            vals, ids = torch.topk(logp, max_top, dim=-1)
-            vals, ids = vals.tolist(), ids.tolist()
-            for i, s in enumerate(sp):
-                if s.top_logprobs:
-                    tops[i] = dict(zip(ids[i][: s.top_logprobs], vals[i][: s.top_logprobs]))
-        return SampleOutput(tokens.tolist(), chosen.tolist(), tops)
+        floats = torch.tensor([[s.temperature, s.top_p, s.min_p] for s in sp], dtype=torch.float32)
+        ints = torch.tensor([[s.top_k, r.seed, r.num_generated] for s, r in zip(sp, reqs)], dtype=torch.int64)
+        if dev.type == "cuda":
+            floats, ints = floats.pin_memory().to(dev, non_blocking=True), ints.pin_memory().to(dev, non_blocking=True)
+        temperature, top_p, min_p = floats.unbind(1)
+        top_k, seeds, steps = ints[:, 0].to(torch.int32), ints[:, 1], ints[:, 2]
+        on_gpu = dev.type == "cuda"
+        args = (logits, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), min_p.contiguous(),
+                seeds.contiguous(), steps.contiguous())
+        tokens = sample(*args) if on_gpu else sample_ref(*args)
+        chosen = (logprobs_of if on_gpu else logprobs_of_ref)(logits, tokens, args[1])
+        counts = [s.top_logprobs for s in sp]
+        top_values = top_ids = None
+        if max(counts) > 0:
+            t_eff = torch.where(args[1] > 0, args[1], torch.ones_like(args[1]))
+            logp = torch.log_softmax(logits / t_eff[:, None], dim=-1)
+            top_values, top_ids = torch.topk(logp, max(counts), dim=-1)
+        return DeviceSample(tokens, chosen, top_values, top_ids, counts)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], masks: torch.Tensor | None = None) -> SampleOutput:
+        return to_host(self.sample(logits, reqs, masks))
+
+
+def to_host(d: DeviceSample) -> SampleOutput:
+    tokens, logprobs = d.tokens.tolist(), d.logprobs.tolist()
+    tops: list[dict[int, float] | None] = [None] * len(tokens)
+    if d.top_ids is not None:
+        ids, vals = d.top_ids.tolist(), d.top_values.tolist()
+        for i, k in enumerate(d.top_counts):
+            if k:
+                tops[i] = dict(zip(ids[i][:k], vals[i][:k]))
+    return SampleOutput(tokens, logprobs, tops)

@@ -21,15 +21,19 @@ from gyre.engine.radix_cache import RadixCache
 from gyre.engine.request import Request, Status
 
 
+class NeedSync(Exception):
+    """Raised by schedule(overlap=True) when it must retract: resolve the in-flight step, then retry."""
+
+
 @dataclass
 class ScheduledBatch:
     reqs: list[Request]
     num_new: list[int]  # tokens of each request computed this step
+    sampling: list[bool] = None  # which requests sample a token this step (set by schedule())
 
-    @property
-    def sampling(self) -> list[bool]:
-        """Which requests sample a token this step (their prefill/decode reaches the last token)."""
-        return [r.num_computed + n == r.num_tokens for r, n in zip(self.reqs, self.num_new)]
+    def __post_init__(self) -> None:
+        if self.sampling is None:
+            self.sampling = [r.num_computed + n == r.num_tokens for r, n in zip(self.reqs, self.num_new)]
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +51,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.version = 0
+        self.max_model_len = config.max_model_len or 1 << 62
         self.num_retractions = 0
         self.num_prefill_tokens = 0  # tokens computed by prefills (excludes decodes)
         self.num_prompt_tokens = 0  # prompt tokens admitted (incl. cache hits)
@@ -60,7 +65,9 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, overlap: bool = False) -> ScheduledBatch | None:
+        """The next step. overlap=True: a step is still in flight (its sampled tokens are pending), so
+        this one must not retract anything (raises NeedSync instead)."""
         budget = self.config.max_batch_tokens
         reqs: list[Request] = []
         num_new: list[int] = []
@@ -68,7 +75,9 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: r.arrival):
             if req.status != Status.RUNNING or req.num_uncomputed != 1 or budget == 0:
                 continue
-            if not self._reserve(req, req.num_tokens, protected=reqs):
+            if req.num_generated >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
+                continue  # its last token is pending: it finishes when that step resolves
+            if not self._reserve(req, req.num_tokens, protected=reqs, overlap=overlap):
                 continue  # req itself was retracted
             reqs.append(req)
             num_new.append(1)
@@ -82,7 +91,7 @@ class Scheduler:
                 reqs.append(req)
                 num_new.append(chunk)
                 budget -= chunk
-        in_prefill = [r for r in self.running if r.num_uncomputed > 1]
+        in_prefill = [r for r in self.running if r.num_uncomputed > 1 or r.cache_on_resolve]
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             req = self.waiting.popleft()
@@ -105,21 +114,32 @@ class Scheduler:
             return None
         return ScheduledBatch(reqs, num_new)
 
-    def postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list[float | None],
-                    tops: list[dict[int, float] | None], check_stop: Callable[[Request], str | None]) -> None:
-        """Advance each request by its computed tokens; append sampled tokens (None for non-sampling rows)."""
-        for req, n, tok, lp, top in zip(batch.reqs, batch.num_new, tokens, logprobs, tops):
-            if req.status != Status.RUNNING:
-                continue  # aborted while the step ran
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The step was launched: count its tokens as computed; sampled tokens become pending."""
+        row = 0
+        for req, n, samples in zip(batch.reqs, batch.num_new, batch.sampling):
             req.num_computed += n
             if not req.is_decoding:
                 self.num_prefill_tokens += n
-            if tok is None:
-                continue
-            if not req.is_decoding:
-                req.is_decoding = True
-                self._cache_prefix(req)  # siblings sharing this prompt can now match it
+            if samples:
+                req.num_pending += 1
+                req.pending_index = row  # row of its token in the step's sampled tokens
+                row += 1
+                if not req.is_decoding:
+                    req.is_decoding = True
+                    req.cache_on_resolve = True  # siblings sharing this prompt can match it then
+
+    def resolve(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list[float | None],
+                tops: list[dict[int, float] | None], check_stop: Callable[[Request], str | None]) -> None:
+        """The step's sampled tokens arrived (None for non-sampling rows): append them, check stops."""
+        for req, tok, lp, top in zip(batch.reqs, tokens, logprobs, tops):
+            if tok is None or req.status != Status.RUNNING:
+                continue  # not sampling, or finished / aborted while the step ran
+            req.num_pending -= 1
             req.output_ids.append(tok)
+            if req.cache_on_resolve:
+                req.cache_on_resolve = False
+                self._cache_prefix(req)
             req.output_logprobs.append(lp)
             if req.sampling.top_logprobs:
                 req.top_logprobs.append(top or {})
@@ -144,6 +164,7 @@ class Scheduler:
             self._release(req, keep_lock=req.keep_lock)
             self.running.remove(req)
         req.status = Status.FINISHED
+        req.num_pending = 0  # a token sampled by a step still in flight is dropped
         req.finish_reason = reason
         req.abort_reason = abort_reason
         self.on_finish(req)
@@ -177,7 +198,7 @@ class Scheduler:
             pages = self.pool.alloc(n)
         return pages
 
-    def _reserve(self, req: Request, num_tokens: int, protected: list[Request]) -> bool:
+    def _reserve(self, req: Request, num_tokens: int, protected: list[Request], overlap: bool = False) -> bool:
         """Pages for req's first num_tokens tokens; retracts the newest other requests if needed."""
         need = self.pool.pages_needed(num_tokens) - len(req.page_table)
         while need > 0:
@@ -186,6 +207,8 @@ class Scheduler:
                 req.page_table.extend(pages)
                 req.owned_pages.update(pages)
                 return True
+            if overlap:
+                raise NeedSync
             victims = [r for r in self.running if r is not req and r not in protected]
             victim = max(victims, key=lambda r: r.arrival) if victims else req
             if victim is req and not victims and not protected:
@@ -200,10 +223,10 @@ class Scheduler:
         if self.cache is None or not in_prefill:
             return False
         ps = self.pool.page_size
-        head = req.all_ids[:ps]
-        if len(head) < ps:
+        if len(req.prompt_ids) < ps:
             return False
-        return any(r.all_ids[:ps] == head for r in in_prefill)
+        head = req.token_range(0, ps)
+        return any(r.token_range(0, ps) == head for r in in_prefill)
 
     def _admit(self, req: Request) -> bool | None:
         """True: admitted; False: not now (no memory yet); None: can never run, finished with abort."""
@@ -241,7 +264,7 @@ class Scheduler:
         """Insert the full pages of req's computed tokens into the cache; the cache takes their ownership."""
         if self.cache is None or req.kv_stale:
             return
-        n_full = req.num_computed // self.pool.page_size
+        n_full = min(req.num_computed, len(req.prompt_ids) + len(req.output_ids)) // self.pool.page_size
         if n_full == 0:
             return
         pages = req.page_table[:n_full]

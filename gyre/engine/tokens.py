@@ -46,18 +46,16 @@ class TokenizerHelper:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def check_stop_fn(self, max_model_len: int) -> Callable[[Request], str | None]:
-        eos_ids = self.eos_ids
-
         def check(req: Request) -> str | None:
             sp = req.sampling
             tok = req.output_ids[-1]
-            if not sp.ignore_eos and tok in eos_ids:
+            if not sp.ignore_eos and tok in self.eos_ids:
                 return "stop"
             if sp.stop_token_ids and tok in sp.stop_token_ids:
                 return "stop"
             if sp.stop and self._hit_stop_string(req):
                 return "stop"
-            if len(req.output_ids) >= sp.max_new_tokens or req.num_tokens >= max_model_len:
+            if len(req.output_ids) >= sp.max_new_tokens or len(req.prompt_ids) + len(req.output_ids) >= max_model_len:
                 return "length"
             return None
 

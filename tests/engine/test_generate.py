@@ -79,14 +79,15 @@ def test_sampled_logprobs_are_temperature_scaled(llama_dir):
     assert list(o.top_logprobs[0]) == top_ids
 
 
-@pytest.mark.parametrize("enable_prefix_cache", [False, True])
-def test_retraction_keeps_outputs(llama_dir, enable_prefix_cache):
+@pytest.mark.parametrize("enable_prefix_cache,overlap", [(False, True), (True, True), (True, False)])
+def test_retraction_keeps_outputs(llama_dir, enable_prefix_cache, overlap):
     prompts = random_prompts([20, 25, 30, 18, 22, 27], seed=6)
     sp = [SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True),
           SamplingParams(max_new_tokens=40, temperature=1.0, seed=7, ignore_eos=True)] * 3
     with Engine(llama_dir, page_size=4, max_num_tokens=4096, enable_prefix_cache=enable_prefix_cache) as eng:
         ref = eng.generate(prompts, sp)
-    with Engine(llama_dir, page_size=4, max_num_tokens=160, enable_prefix_cache=enable_prefix_cache) as eng:
+    with Engine(llama_dir, page_size=4, max_num_tokens=160, enable_prefix_cache=enable_prefix_cache,
+                overlap_schedule=overlap) as eng:
         outs = eng.generate(prompts, sp)
         stats = eng.stats()
         eng.call(eng.check_integrity)
@@ -149,9 +150,10 @@ def test_text_prompts_stops_and_n(qwen3_dir):
             assert o.finish_reason == "stop" and stop not in o.text and full.text.startswith(o.text)
 
 
-def test_eos_stops_unless_ignored(llama_dir):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_eos_stops_unless_ignored(llama_dir, overlap):
     prompt = random_prompts([8], seed=9)[0]
-    with Engine(llama_dir) as eng:
+    with Engine(llama_dir, overlap_schedule=overlap) as eng:
         ref = eng.generate([prompt], GREEDY)[0]
         eos = ref.output_ids[3]
         eng.tokens.eos_ids = {eos}

@@ -4,10 +4,11 @@ import torch
 from torch import nn
 
 from gyre.engine.layers.linear import default_weight_loader
+from gyre.kernels.norm import rms_norm, rms_norm_ref
 
 
 class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype); fused residual add."""
+    """HF LlamaRMSNorm over the last dim, with a fused residual add: (norm(x + r), x + r)."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -16,9 +17,10 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            x = x + residual
-            residual = x
-        xf = x.float()
-        out = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return out if residual is None else (out, residual)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        fn = rms_norm if x.is_cuda else rms_norm_ref
+        if residual is None:
+            return fn(x2, self.weight, self.eps).view(shape)
+        out, res = fn(x2, self.weight, self.eps, residual.reshape(-1, shape[-1]))
+        return out.view(shape), res.view(shape)

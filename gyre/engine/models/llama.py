@@ -18,6 +18,7 @@ from gyre.engine.layers.norm import RMSNorm
 from gyre.engine.layers.rotary import RotaryEmbedding, rope_parameters
 from gyre.engine.models.base import CausalLMBase
 from gyre.engine.parallel import get_parallel_state
+from gyre.kernels.activation import silu_and_mul
 
 
 class SelfAttention(nn.Module):
@@ -60,7 +61,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, tp_mode="row", dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        h = self.gate_up_proj(x)  # [T, 2I]
+        if h.is_cuda:
+            return self.down_proj(silu_and_mul(h))
+        gate, up = h.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,89 @@
+"""CUDA graphs for decode steps, one per batch-size bucket, over static input buffers.
+
+A decode batch of size bs runs the graph of the smallest bucket >= bs; rows past bs are padding:
+slot -1 (their KV store is skipped), seq_len 0 (their attention is zeros), logits ignored. Graphs read
+the model's parameters by address: weight updates copy in place, so graphs stay valid; releasing the
+weights' memory invalidates them (they are captured again on resume).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gyre.engine.layers.attention import AttentionMetadata
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s < max_bs] + [max_bs]
+
+
+class CudaGraphRunner:
+    def __init__(self, runner, max_bs: int, max_seq_len: int) -> None:
+        self.runner = runner
+        dev = runner.device
+        ps = runner.pool.page_size
+        self.max_bs = max_bs
+        self.max_pages = (max_seq_len + ps - 1) // ps
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
+        self.page_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.buckets = batch_buckets(max_bs)
+        self.pool = None
+        self.capture()
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], page_table=self.page_table[:bs], seq_lens=self.seq_lens[:bs],
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1], max_q_len=1, seq_lens_cpu=[1] * bs, q_lens_cpu=[1] * bs,
+            is_decode=True)
+
+    @torch.inference_mode()
+    def _forward(self, bs: int) -> torch.Tensor:
+        from gyre.engine.model_runner import ForwardContext
+
+        ctx = ForwardContext(self.runner.backend, self._meta(bs), None)
+        hidden = self.runner.model(self.input_ids[:bs], self.positions[:bs], ctx)
+        return self.runner.model.compute_logits(hidden)
+
+    def capture(self) -> None:
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
+                self._forward(bs)  # warm up (Triton autotune/compile) outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    logits = self._forward(bs)
+                self.graphs[bs] = (graph, logits)
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def can_run(self, batch_size: int, max_pages: int) -> bool:
+        return batch_size <= self.max_bs and max_pages <= self.max_pages
+
+    def load_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                    page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Copy a decode batch's host tensors (page_table [bs, P]) into the static buffers."""
+        bs, width = page_table.shape
+        bucket = next(b for b in self.buckets if b >= bs)
+        self.input_ids[:bs].copy_(input_ids.pin_memory(), non_blocking=True)
+        self.positions[:bs].copy_(positions.pin_memory(), non_blocking=True)
+        self.slot_mapping[:bs].copy_(slot_mapping.pin_memory(), non_blocking=True)
+        self.page_table[:bs, :width].copy_(page_table.pin_memory(), non_blocking=True)
+        self.seq_lens[:bs].copy_(seq_lens.pin_memory(), non_blocking=True)
+        if bucket > bs:
+            self.slot_mapping[bs:bucket].fill_(-1)
+            self.seq_lens[bs:bucket].fill_(0)
+
+    def replay(self, bs: int) -> torch.Tensor:
+        """Run the graph of the smallest bucket >= bs over the loaded inputs -> logits [bs, V]."""
+        bucket = next(b for b in self.buckets if b >= bs)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:bs]
