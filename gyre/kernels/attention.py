@@ -1,0 +1,484 @@
+"""Paged attention: decode (split-KV, flash-decoding), extend (causal prefill over a cached prefix), store_kv.
+
+KV cache layout, per layer: `k_cache`, `v_cache` [num_slots, num_kv_heads, head_dim] with
+num_slots = num_pages * page_size and slot = page_id * page_size + offset_in_page. `page_table` int32
+[B, max_pages] lists each sequence's pages in order; `seq_lens` int32 [B] counts every KV token of the
+sequence, the new ones included (their K/V are stored before attention runs).
+
+Kernels gather K/V token by token through the page table, so any page_size works (1, 3, 16, 64...).
+Softmax runs in float32 with exp2; inputs are float32, float16 or bfloat16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# NOTE: a fixed split size (in KV tokens) keeps the decode reduction order independent of the batch,
+# so a sequence's output does not depend on what else is being decoded with it.
+DECODE_SPLIT_SIZE = 256
+
+_LOG2E = 1.4426950408889634
+
+
+def _check_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor
+):
+    assert k_cache.dim() == 3 and v_cache.shape == k_cache.shape, (k_cache.shape, v_cache.shape)
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "K/V cache head_dim must be contiguous"
+    assert v_cache.dtype == k_cache.dtype and v_cache.device == k_cache.device
+    assert page_table.dim() == 2 and page_table.dtype == torch.int32, (page_table.shape, page_table.dtype)
+    assert page_table.stride(-1) == 1
+    assert seq_lens.dim() == 1 and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
+    assert seq_lens.shape[0] == page_table.shape[0]
+
+
+def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, (out.shape, out.dtype)
+    return out
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# store_kv
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kc_s,
+    stride_kc_h,
+    stride_vc_s,
+    stride_vc_h,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:  # slot < 0 marks a padding token: nothing is stored
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM)
+        t64 = t.to(tl.int64)
+        k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+        v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        kc = k_cache_ptr + slot * stride_kc_s + offs_h[:, None] * stride_kc_h + offs_d[None, :]
+        vc = v_cache_ptr + slot * stride_vc_s + offs_h[:, None] * stride_vc_h + offs_d[None, :]
+        tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k_cache[slot_mapping[t]] = k[t] (same for v), in place. k, v: [T, Hkv, D]; slot_mapping int64 [T].
+
+    A negative slot skips that token (padding).
+    """
+    num_tokens, num_heads, head_dim = k.shape
+    assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, (k.shape, v.shape)
+    assert k_cache.dim() == 3 and v_cache.shape == k_cache.shape and k_cache.shape[1:] == k.shape[1:]
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
+    assert slot_mapping.is_contiguous()
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )  # fmt: skip
+
+
+def store_kv_ref(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    keep = slot_mapping >= 0
+    k_cache.index_copy_(0, slot_mapping[keep], k[keep].to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping[keep], v[keep].to(v_cache.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# decode: stage 1 computes one partial softmax per (sequence, kv head, split); stage 2 merges the splits
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    page_table_ptr,
+    seq_lens_ptr,
+    mid_o_ptr,  # [B, Hq, S, D] float32
+    mid_lse_ptr,  # [B, Hq, S] float32, log2 units
+    qk_scale,  # sm_scale * log2(e)
+    page_size,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_pt,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = split * SPLIT_SIZE
+    if start < seq_len:
+        end = tl.minimum(start + SPLIT_SIZE, seq_len)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < GROUP
+        mask_d = offs_d < HEAD_DIM
+        heads = kv_head * GROUP + offs_g  # the query heads sharing this kv head
+        q = tl.load(
+            q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_g[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_G, BLOCK_D]
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        pt_row = page_table_ptr + b.to(tl.int64) * stride_pt
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            mask_n = pos < end
+            page = tl.load(pt_row + pos // page_size, mask=mask_n, other=0).to(tl.int64)
+            slot = page * page_size + pos % page_size
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(
+                k_cache_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )  # [BLOCK_N, BLOCK_D]
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every block holds a valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_cache_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        mo = mid_o_ptr + b.to(tl.int64) * stride_mob + heads[:, None] * stride_moh + split * stride_mos
+        tl.store(mo + offs_d[None, :], acc / l_i[:, None], mask=mask_g[:, None] & mask_d[None, :])
+        ml = mid_lse_ptr + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split
+        tl.store(ml, m_i + tl.log2(l_i), mask=mask_g)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr,
+    mid_lse_ptr,
+    o_ptr,
+    seq_lens_ptr,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_SIZE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    num_splits = tl.cdiv(seq_len, SPLIT_SIZE)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mo = mid_o_ptr + b.to(tl.int64) * stride_mob + head * stride_moh
+    ml = mid_lse_ptr + b.to(tl.int64) * stride_mlb + head * stride_mlh
+    m = float("-inf")
+    l_sum = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        lse = tl.load(ml + s)
+        o = tl.load(mo + s * stride_mos + offs_d, mask=mask_d, other=0.0)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + o * w
+        l_sum = l_sum * alpha + w
+        m = m_new
+    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)  # seq_len == 0 (a padded row) gives zeros
+    o = o_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d
+    tl.store(o, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    sm_scale: float,
+    max_seq_len: int | None = None,
+    split_size: int = DECODE_SPLIT_SIZE,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence. q [B, Hq, D] -> out [B, Hq, D] (q.dtype).
+
+    max_seq_len (optional, host int) bounds seq_lens to size the grid; by default it is
+    page_table.shape[1] * page_size, which needs no device sync (CUDA-graph safe). out: optional
+    preallocated [B, Hq, D] output.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    _check_cache(k_cache, v_cache, page_table, seq_lens)
+    num_kv_heads = k_cache.shape[1]
+    assert q.stride(-1) == 1 and q.dtype == k_cache.dtype and q.device == k_cache.device
+    assert k_cache.shape[2] == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, k_cache.shape)
+    assert page_table.shape[0] == batch and k_cache.shape[0] % page_size == 0
+    assert split_size >= 16 and split_size & (split_size - 1) == 0, "split_size: a power of 2 >= 16"
+    group = num_q_heads // num_kv_heads
+    out = _check_out(out, q)
+    if batch == 0:
+        return out
+    if max_seq_len is None:
+        max_seq_len = page_table.shape[1] * page_size
+    num_splits = max(1, triton.cdiv(max_seq_len, split_size))
+    mid_o = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    block_d = _block_d(head_dim)
+    block_n = min(64 if block_d <= 128 else 32, split_size)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse,
+        sm_scale * _LOG2E, page_size,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        page_table.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        BLOCK_N=block_n, SPLIT_SIZE=split_size, PRECISION=_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    _decode_reduce_kernel[(batch, num_q_heads)](
+        mid_o, mid_lse, out, seq_lens,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), SPLIT_SIZE=split_size,
+        num_warps=1 if head_dim <= 64 else 2,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# extend: new tokens of each sequence attend to the cached prefix and causally to each other
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    o_ptr,
+    page_table_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    page_size,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_pt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    m_block = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + b)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+    if m_block * BLOCK_M < q_len:
+        seq_len = tl.load(seq_lens_ptr + b)
+        prefix_len = seq_len - q_len
+        kv_head = head // GROUP
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # index among this sequence's new tokens
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < q_len
+        mask_d = offs_d < HEAD_DIM
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_D]
+        q_pos = prefix_len + offs_m  # absolute position of each new token
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kv_end = tl.minimum(seq_len, prefix_len + (m_block + 1) * BLOCK_M)
+        pt_row = page_table_ptr + b.to(tl.int64) * stride_pt
+        for n0 in range(0, kv_end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            mask_n = pos < kv_end
+            page = tl.load(pt_row + pos // page_size, mask=mask_n, other=0).to(tl.int64)
+            slot = page * page_size + pos % page_size
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(
+                k_cache_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            # NOTE: position 0 is visible to every row, so each row's running max is finite after block 0
+            visible = mask_n[None, :] & (pos[None, :] <= q_pos[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_cache_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        o = o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(o, out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def paged_extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    sm_scale: float,
+    max_q_len: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention for new tokens. q [T, Hq, D] -> out [T, Hq, D] (q.dtype).
+
+    Sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (q_len of them), the last q_len of its
+    seq_lens[b] KV tokens; new token i sees KV positions <= seq_lens[b] - q_len + i. max_q_len (host
+    int) must be >= every q_len; it sizes the grid. out: optional preallocated [T, Hq, D] output.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _check_cache(k_cache, v_cache, page_table, seq_lens)
+    batch = seq_lens.shape[0]
+    num_kv_heads = k_cache.shape[1]
+    assert q.stride(-1) == 1 and q.dtype == k_cache.dtype and q.device == k_cache.device
+    assert k_cache.shape[2] == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, k_cache.shape)
+    assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.dtype == torch.int32
+    assert cu_seqlens_q.is_contiguous() and k_cache.shape[0] % page_size == 0
+    out = _check_out(out, q)
+    if num_tokens == 0 or batch == 0 or max_q_len == 0:
+        return out
+    block_d = _block_d(head_dim)
+    block_m = 64 if block_d <= 128 else 32
+    block_n = 64 if block_d <= 64 else 32
+    grid = (batch, num_q_heads, triton.cdiv(max_q_len, block_m))
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, page_table, cu_seqlens_q, seq_lens,
+        sm_scale * _LOG2E, page_size,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), page_table.stride(0),
+        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# torch references: gather each sequence's K/V, softmax in float32
+
+
+def _gather_kv(k_cache, v_cache, page_table, b: int, seq_len: int, page_size: int):
+    pos = torch.arange(seq_len, device=k_cache.device)
+    slots = page_table[b, pos // page_size].long() * page_size + pos % page_size
+    return k_cache[slots].float(), v_cache[slots].float()  # [S, Hkv, D]
+
+
+def _attend(q, k, v, sm_scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    # q [M, Hq, D] float32; k, v [S, Hkv, D]; mask [M, S] True = visible
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("mhd,shd->hms", q, k) * sm_scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+    return torch.einsum("hms,shd->mhd", scores.softmax(-1), v)
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, sm_scale):
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
+        seq_len = int(seq_lens[b])
+        if seq_len > 0:
+            k, v = _gather_kv(k_cache, v_cache, page_table, b, seq_len, page_size)
+            out[b] = _attend(q[b : b + 1].float(), k, v, sm_scale, None)[0]
+    return out.to(q.dtype)
+
+
+def paged_extend_attention_ref(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, page_size, sm_scale):
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(seq_lens.shape[0]):
+        start, end = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        seq_len, q_len = int(seq_lens[b]), end - start
+        if q_len == 0:
+            continue
+        k, v = _gather_kv(k_cache, v_cache, page_table, b, seq_len, page_size)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        out[start:end] = _attend(q[start:end].float(), k, v, sm_scale, mask)
+    return out.to(q.dtype)
