@@ -101,6 +101,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from gyre.recipe import load_recipe
+    from gyre.recipe_loader import RecipeError
+    from gyre.trainers.grpo import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except (RecipeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    history = train(recipe, resume=args.resume)
+    if history:
+        first, last = history[0], history[-1]
+        print(json.dumps({"steps": last["step"], "reward_first": first["reward_mean"],
+                          "reward_last": last["reward_mean"], "weight_version": last["weight_version"],
+                          "run_dir": f"{recipe.logging.run_dir}/{recipe.logging.name}"}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gyre", description="gyre: an RL rollout engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("-n", type=int, default=1)
     gen.set_defaults(fn=cmd_generate)
+
+    tr = sub.add_parser("train", help="run an RL recipe (YAML)")
+    tr.add_argument("recipe", help="recipes/*.yaml")
+    tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.lr=1e-5")
+    tr.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoint.pt")
+    tr.set_defaults(fn=cmd_train)
 
     srv = sub.add_parser("serve", help="HTTP server (OpenAI-compatible, sessions, admin)", add_help=False)
     srv.set_defaults(fn=None)

@@ -1,0 +1,205 @@
+"""What a training run needs besides the update: its directory (metrics, checkpoints, plot), the model
+directory, the task stream, the environment, and the supervised warm-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gyre.recipe import DataSection, LoggingSection, ModelSection, Recipe
+from gyre.trainers import tasks
+
+log = logging.getLogger("gyre.train")
+
+
+class RunDir:
+    """runs/<name>/: recipe.json, metrics.jsonl (one line per step), checkpoint.pt, reward.png."""
+
+    def __init__(self, cfg: LoggingSection, recipe: Recipe) -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.run_dir) / cfg.name
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.ckpt_path = self.path / "checkpoint.pt"
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                from gyre.rollout.metrics import WandbLogger
+
+                self.wandb = WandbLogger(project="gyre", mode=cfg.wandb_mode, dir=str(self.path), name=cfg.name,
+                                         config=dataclasses.asdict(recipe))
+            except ImportError:
+                log.warning("wandb is not installed: logging to metrics.jsonl only")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def should_checkpoint(self, step: int, cfg) -> bool:
+        return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 or step == cfg.steps
+
+    def save_checkpoint(self, policy, opt, step: int, version: int, data_pos: int) -> None:
+        state = {"policy": policy.state_dict(), "optimizer": opt.state_dict(), "step": step, "version": version,
+                 "data_pos": data_pos, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)  # atomic: a kill never leaves a half-written checkpoint
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        if not self.ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
+        state = torch.load(self.ckpt_path, weights_only=False)
+        # steps logged after the checkpoint are redone: drop their lines
+        kept = [m for m in self.read_metrics() if m["step"] <= state["step"]]
+        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        return state
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.cfg.plot:
+            plot_rewards(self.read_metrics(), self.path / "reward.png")
+
+
+def plot_rewards(metrics: list[dict[str, Any]], out: Path) -> None:
+    if not metrics:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no reward plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in metrics], [m["reward_mean"] for m in metrics], marker="o", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def prepare_model(cfg: ModelSection, run_path: Path) -> str:
+    if cfg.path is not None:
+        return cfg.path
+    from gyre.testing import tiny_model
+
+    path = run_path / f"model-{cfg.tiny}"
+    if not (path / "config.json").exists():
+        tiny_model(cfg.tiny, path, seed=cfg.seed, **cfg.tiny_overrides)
+    return str(path)
+
+
+class Stream:
+    """An index-addressable task stream that remembers its position (for checkpoints)."""
+
+    def __init__(self, it: Iterator[dict[str, Any]], start: int) -> None:
+        self._it = it
+        self.position = start
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        task = next(self._it)
+        self.position = task["index"] + 1
+        return task
+
+
+def make_stream(cfg: DataSection, tokenizer: Any, start: int) -> Stream:
+    if cfg.task == "arith":
+        return Stream(tasks.arith_stream(cfg.seed, start, cfg.max_operand, tokenizer), start)
+    return Stream(tasks.cycle_stream(tasks.gsm8k_rows(cfg.path), cfg.seed, start), start)
+
+
+def make_env_fn(cfg: DataSection) -> Callable[[], Any]:
+    reward = tasks.arith_reward if cfg.task == "arith" else _math_reward
+    if cfg.env == "single_turn":
+        from gyre.rollout.env import SingleTurnEnv
+
+        return lambda: SingleTurnEnv(reward, cfg.system_prompt)
+    if cfg.env == "tool":
+        from gyre.rollout.tools import ToolEnv
+
+        return lambda: ToolEnv([calculator], reward, cfg.system_prompt, max_turns=3, max_tokens=256)
+    from gyre.rollout.multi_agent import SolverVerifierEnv
+
+    return lambda: SolverVerifierEnv(max_rounds=1, max_tokens=256)
+
+
+def _math_reward(text: str, task: dict[str, Any]) -> float:
+    from gyre.rollout.rewards import math_reward
+
+    return math_reward(text, task)
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression with + - * / and parentheses."""
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.USub: operator.neg}
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.operand))
+        raise ValueError(f"unsupported expression: {expression!r}")
+
+    value = ev(ast.parse(expression, mode="eval").body)
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def sft_warmup(policy, tokenizer: Any, recipe: Recipe, device: torch.device) -> None:
+    """Supervised steps on the task's reference answers (prompt tokens masked out)."""
+    cfg = recipe.warmup
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    stream = make_stream(recipe.data, tokenizer, start=10_000_000)  # disjoint from the RL prompts
+    eos = tokenizer.eos_token_id
+    for step in range(cfg.steps):
+        rows = []
+        for _ in range(cfg.batch_size):
+            task = next(stream)
+            prompt = task["prompt"] if isinstance(task["prompt"], list) else tokenizer.encode(
+                task["prompt"], add_special_tokens=False)
+            answer = tokenizer.encode(task["answer"], add_special_tokens=False) + [eos]
+            rows.append((prompt, answer))
+        length = max(len(p) + len(a) for p, a in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (p, a) in enumerate(rows):
+            n = len(p) + len(a)
+            ids[i, :n] = torch.tensor(p + a)
+            attn[i, :n] = 1
+            labels[i, len(p):n] = torch.tensor(a)
+        out = policy(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log.info("warm-up step %d loss %.3f", step + 1, float(out.loss))
