@@ -122,6 +122,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Offline throughput of this engine on random prompts (benchmarks/ has the full GPU harness)."""
+    import time
+
+    import torch
+
+    from gyre import SamplingParams
+
+    engine = build_engine(args)
+    try:
+        g = torch.Generator().manual_seed(0)
+        vocab = engine.vocab_size
+        prompts = torch.randint(10, vocab - 10, (args.num_prompts, args.prompt_len), generator=g).tolist()
+        sp = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        engine.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm up
+        start = time.perf_counter()
+        outs = engine.generate(prompts, sp)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.output_ids) for o in outs)
+        stats = engine.stats()
+        print(json.dumps({"num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
+                          "output_len": args.output_len, "seconds": round(seconds, 3),
+                          "output_tokens_per_s": round(tokens / seconds, 1), "steps": stats["num_steps"],
+                          "device": str(engine.runner.device), "dtype": str(engine.runner.dtype)}))
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gyre", description="gyre: an RL rollout engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.lr=1e-5")
     tr.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoint.pt")
     tr.set_defaults(fn=cmd_train)
+
+    bench = sub.add_parser("bench", help="offline throughput on random prompts (JSON line)")
+    _engine_args(bench)
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--output-len", type=int, default=64)
+    bench.set_defaults(fn=cmd_bench)
 
     srv = sub.add_parser("serve", help="HTTP server (OpenAI-compatible, sessions, admin)", add_help=False)
     srv.set_defaults(fn=None)

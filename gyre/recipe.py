@@ -82,8 +82,9 @@ class WeightSyncSection:
 class LoggingSection:
     run_dir: str = "runs"
     name: str = "run"
-    wandb: bool = False
+    wandb: bool = True  # when wandb is installed; offline unless wandb_mode / WANDB_MODE say otherwise
     wandb_mode: str = "offline"
+    progress: bool = True  # a progress bar over steps (stderr)
     plot: bool = True
 
 

@@ -75,6 +75,9 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None) -
 
     # -- the RL loop ---------------------------------------------------------------------------------
     history = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not recipe.logging.progress)
     try:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -94,11 +97,14 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None) -
             run.log(metrics)
             history.append(metrics)
             log.info("step %d reward %.3f", step + 1, metrics["reward_mean"])
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", version=version)
             if run.should_checkpoint(step + 1, cfg):
                 run.save_checkpoint(policy, opt, step + 1, version, stream.position)
             if stop_after is not None and len(history) >= stop_after:
                 break
     finally:
+        bar.close()
         manager.close()
         sender.close()
         engine.shutdown()
