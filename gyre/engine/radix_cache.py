@@ -20,41 +20,30 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
+@dataclass(eq=False, repr=False, slots=True)
 class TreeNode:
     """A run of whole pages of tokens below its parent, and the KV pages that hold them."""
 
-    __slots__ = (
-        "key",
-        "pages",
-        "children",
-        "parent",
-        "version",
-        "lock_ref",
-        "num_locks",
-        "last_access",
-        "evicted",
-    )
-
-    def __init__(self, key: tuple[int, ...], pages: list[int], parent: TreeNode | None, version: int) -> None:
-        self.key = key
-        self.pages = pages
-        self.children: dict[tuple[int, ...], TreeNode] = {}
-        self.parent = parent
-        self.version = version
-        self.lock_ref = 0  # lock() calls outstanding on this node or any descendant
-        self.num_locks = 0  # lock() calls outstanding on this node itself
-        self.last_access = 0
-        self.evicted = False
+    key: tuple[int, ...]  # token ids, a multiple of page_size long; () only for a root
+    pages: list[int]  # pages[i] holds the KV of key[i*ps:(i+1)*ps]
+    parent: TreeNode | None
+    version: int
+    children: dict[tuple[int, ...], TreeNode] = field(default_factory=dict)  # by first page's tokens
+    lock_ref: int = 0  # lock() calls outstanding on this node or any descendant
+    num_locks: int = 0  # lock() calls outstanding on this node itself
+    last_access: int = 0
+    evicted: bool = False
 
     @property
     def is_root(self) -> bool:
         return not self.key
 
     def __repr__(self) -> str:
-        return f"TreeNode(v{self.version}, key={self.key}, pages={self.pages}, lock_ref={self.lock_ref})"
+        key, pages = list(self.key[:6]), self.pages[:4]
+        return f"TreeNode(v{self.version}, {len(self.key)} tokens {key}, pages {pages}, lock_ref={self.lock_ref})"
 
 
 @dataclass
@@ -64,9 +53,9 @@ class MatchResult:
     node: TreeNode  # deepest matched node, covering exactly the match (a root if nothing matched)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:  # not `assert`: the check must also run under python -O
-        raise AssertionError(msg)
+def _check(cond: object, msg: str, *args: object) -> None:
+    if not cond:  # not `assert`: the check must also run under python -O. Formats only on failure.
+        raise AssertionError(msg.format(*args))
 
 
 class RadixCache:
@@ -125,11 +114,13 @@ class RadixCache:
     ) -> tuple[TreeNode, int]:
         """Caches token_ids[:len(pages)*page_size] with pages; returns (node, num_pages_already_cached).
 
-        The first num_pages_already_cached pages are already in the tree: the tree keeps its own pages
-        and each pages[i] there that differs from the tree's stays the caller's to free. The tree takes
-        ownership of pages[num_pages_already_cached:]. For the current version, node covers all of
-        `pages`; for any other version nothing new is cached (those pages are freed at once) and node
-        is the deepest node already there.
+        The first n = num_pages_already_cached pages are cached already: the tree keeps its own pages
+        there, and each pages[i] (i < n) that is not the tree's page stays the caller's to free. So a
+        request that matched and locked m pages at admission frees pages[m:n] after this call. The
+        tree takes ownership of pages[n:]. For the current version, node covers all of `pages`; for any
+        other version nothing new is cached (pages[n:] are freed at once through free_pages) and node
+        is the deepest node already there. Raises ValueError if a page passed in is repeated, or is
+        the tree's at another position.
         """
         ps = self.page_size
         if len(token_ids) < len(pages) * ps:
@@ -238,53 +229,43 @@ class RadixCache:
 
     def check_integrity(self) -> None:
         """Raises AssertionError naming the first broken invariant (see the module docstring)."""
-        ps, seen, evictable_leaves = self.page_size, set(), []
+        ps, seen, leaves = self.page_size, set(), []
         num_nodes = num_evictable = 0
-        _check(self._version in self._roots, f"no tree for the current version {self._version}")
+        _check(self._version in self._roots, "no tree for the current version {}", self._version)
         for v, root in self._roots.items():
-            _check(root.is_root and not root.pages and root.parent is None, f"bad root of v{v}: {root}")
-            _check(root.version == v and not root.evicted, f"root of v{v} is {root}")
-            stale = v != self._version
-            _check(not stale or root.children or root.lock_ref > 0, f"empty stale tree v{v} kept")
-            for node in self._subtree(root):
-                children_refs = sum(c.lock_ref for c in node.children.values())
-                _check(node.num_locks >= 0, f"{node}: num_locks {node.num_locks} < 0")
-                _check(
-                    node.lock_ref == node.num_locks + children_refs,
-                    f"{node}: lock_ref {node.lock_ref} != own locks {node.num_locks} + children {children_refs}",
-                )
-                if node.is_root:
-                    continue
-                num_nodes += 1
-                parent = node.parent
-                _check(
-                    parent is not None and parent.children.get(node.key[:ps]) is node,
-                    f"{node}: bad parent link",
-                )
-                _check(not node.evicted and node.version == v, f"{node}: evicted or in the wrong tree v{v}")
-                _check(len(node.key) % ps == 0, f"{node}: key length not a multiple of page_size {ps}")
-                _check(len(node.pages) == len(node.key) // ps, f"{node}: {len(node.pages)} pages for its key")
-                _check(parent.is_root or parent.last_access >= node.last_access, f"{node}: newer than parent")
-                _check(not stale or node.lock_ref > 0, f"{node}: unlocked node in stale tree v{v}")
-                for p in node.pages:
-                    _check(p not in seen, f"page {p} appears twice in the tree")
-                    seen.add(p)
-                if node.lock_ref == 0:
-                    num_evictable += len(node.pages)
-                if self._is_evictable_leaf(node):
-                    evictable_leaves.append(node)
-        _check(seen == self._pages, f"page set out of sync: tree {sorted(seen)} vs {sorted(self._pages)}")
-        _check(num_nodes == self._num_nodes, f"node count {self._num_nodes}, tree has {num_nodes}")
-        _check(
-            num_evictable == self._num_evictable, f"evictable {self._num_evictable}, tree has {num_evictable}"
-        )
+            _check(root.is_root and root.parent is None and root.version == v, "bad root of v{}: {}", v, root)
+            _check(not root.pages and not root.evicted, "bad root of v{}: {}", v, root)
+            _check(v == self._version or root.children or root.lock_ref > 0, "empty stale tree v{} kept", v)
+        for node in (n for root in self._roots.values() for n in self._subtree(root)):
+            refs = sum(c.lock_ref for c in node.children.values())
+            _check(node.num_locks >= 0, "{}: num_locks {} < 0", node, node.num_locks)
+            _check(
+                node.lock_ref == node.num_locks + refs, "{}: != own {} + kids {}", node, node.num_locks, refs
+            )
+            for first, child in node.children.items():
+                _check(child.parent is node and child.key[:ps] == first, "{}: bad link from parent", child)
+                _check(child.version == node.version and not child.evicted, "{}: evicted or misplaced", child)
+                _check(node.is_root or child.last_access <= node.last_access, "{}: newer than parent", child)
+            if node.is_root:
+                continue
+            num_nodes += 1
+            _check(len(node.key) % ps == 0, "{}: key not whole pages of {}", node, ps)
+            _check(len(node.pages) == len(node.key) // ps, "{}: wrong number of pages", node)
+            _check(node.version == self._version or node.lock_ref > 0, "{}: unlocked in a stale tree", node)
+            for p in node.pages:
+                _check(p not in seen, "page {} appears twice in the tree", p)
+                seen.add(p)
+            num_evictable += len(node.pages) if node.lock_ref == 0 else 0
+            if self._is_evictable_leaf(node):
+                leaves.append(node)
+        _check(seen == self._pages, "page set out of sync: tree {} vs {}", seen, self._pages)
+        _check(num_nodes == self._num_nodes, "node count {}, tree has {}", self._num_nodes, num_nodes)
+        _check(num_evictable == self._num_evictable, "evictable {} != {}", self._num_evictable, num_evictable)
         earliest: dict[int, int] = {}
         for time, _, node in self._heap:
             earliest[id(node)] = min(time, earliest.get(id(node), time))
-        for leaf in evictable_leaves:
-            _check(
-                earliest.get(id(leaf), leaf.last_access + 1) <= leaf.last_access, f"{leaf}: not in evict heap"
-            )
+        for leaf in leaves:  # each needs an entry no later than its last access
+            _check(earliest.get(id(leaf), leaf.last_access + 1) <= leaf.last_access, "{}: not in heap", leaf)
 
     # -- internals --
 

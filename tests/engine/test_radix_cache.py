@@ -208,8 +208,8 @@ def test_does_not_import_torch() -> None:
 
 # -- stateful test against a naive model --
 
-TOKENS = st.lists(st.integers(0, 3), max_size=8)
-VERSION = st.sampled_from([None, None, None, 0, 1])  # None: the current version
+TOKENS = st.lists(st.integers(0, 3), min_size=2, max_size=8)
+VERSION = st.sampled_from([None] * 6 + [0, 1])  # None: the current version
 
 
 class RadixCacheMachine(RuleBasedStateMachine):
@@ -221,8 +221,8 @@ class RadixCacheMachine(RuleBasedStateMachine):
     the callback, held by the caller (computed, not yet inserted) and freed by the caller.
     """
 
-    @initialize(page_size=st.sampled_from([1, 2]))
-    def setup(self, page_size: int) -> None:
+    @initialize(page_size=st.sampled_from([1, 2]), warm=st.lists(TOKENS, max_size=6))
+    def setup(self, page_size: int, warm: list[list[int]]) -> None:
         self.ps = page_size
         self.freed = Freed()
         self.cache = RadixCache(page_size, self.freed)
@@ -235,6 +235,9 @@ class RadixCacheMachine(RuleBasedStateMachine):
         self.num_allocated = 0
         self.caller_held: set[int] = set()
         self.caller_freed: set[int] = set()
+        for tokens in warm:  # start most runs from a populated cache
+            self.seqs.append(tuple(tokens))
+            self._insert(tokens, self._alloc(len(tokens) // self.ps), self.version)
 
     # -- model helpers --
 
@@ -369,6 +372,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
         free = [h for h in self.handles if h not in [r["handle"] for r in self.requests]]
         self._unlock(*data.draw(st.sampled_from(free)))
 
+    @precondition(lambda self: any(not self._locked(*k) for k in self.entries))
     @rule(num_pages=st.integers(1, 4))
     def evict(self, num_pages: int) -> None:
         # The model's LRU order: repeatedly the least recently touched unlocked leaf page.
@@ -386,6 +390,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
         for k, _, _ in order[:num_freed]:
             del self.entries[k]
 
+    @precondition(lambda self: len(self.entries) >= 4)  # else most runs would hold an empty cache
     @rule(version=st.sampled_from([None, 0, 1]))
     def flush(self, version: int | None) -> None:
         gone = {k for k in self.entries if (version is None or k[0] == version) and not self._locked(*k)}
