@@ -43,6 +43,9 @@ class EngineConfig:
     # parallelism
     tp_size: int = 1
     ep_size: int = 1
+    ep_dispatch: str = "allreduce"  # how MoE tokens reach their experts: "allreduce" | "alltoall" (layers/moe.py)
+    ep_num_redundant_experts: int = 0  # extra expert slots per MoE layer for replicas of hot experts (EPLB)
+    eplb_interval: int = 0  # rebalance experts every N steps (0: only on engine.rebalance_experts())
 
     # speculative decoding
     spec_method: str | None = None
@@ -75,6 +78,12 @@ class EngineConfig:
             raise ValueError(f"spec_num_tokens must be >= 1, got {self.spec_num_tokens}")
         if self.tp_size < 1 or self.ep_size < 1:
             raise ValueError(f"tp_size and ep_size must be >= 1, got {self.tp_size}, {self.ep_size}")
+        if self.ep_dispatch not in ("allreduce", "alltoall"):
+            raise ValueError(f"ep_dispatch must be allreduce | alltoall, got {self.ep_dispatch!r}")
+        if self.ep_num_redundant_experts < 0 or self.eplb_interval < 0:
+            raise ValueError("ep_num_redundant_experts and eplb_interval must be >= 0")
+        if (self.ep_num_redundant_experts or self.eplb_interval) and self.ep_size == 1:
+            raise ValueError("ep_num_redundant_experts and eplb_interval need ep_size > 1")
         if self.weight_update_timeout_s <= 0:
             raise ValueError("weight_update_timeout_s must be > 0")
 

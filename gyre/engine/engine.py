@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from gyre.engine.config import EngineConfig
+from gyre.engine.grammar import GrammarBackend
 from gyre.engine.model_runner import ModelRunner
+from gyre.engine.parallel import set_parallel_state
 from gyre.engine.radix_cache import RadixCache
 from gyre.engine.request import Completion, Request, SamplingParams, Status
 from gyre.engine.scheduler import NeedSync, Scheduler
@@ -62,6 +64,7 @@ class Engine:
         self._last_integrity_check = 0.0
         self._inflight = None  # the launched, unresolved step (overlapped scheduling)
         self._check_stop = self.tokens.check_stop_fn(self.runner.max_model_len)
+        self.grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.tokens.eos_ids)
         self.scheduler.max_model_len = self.runner.max_model_len
         self._thread = threading.Thread(target=self._loop, name="gyre-engine", daemon=True)
         self._thread.start()
@@ -123,10 +126,13 @@ class Engine:
                 raise ValueError(f"sampling[{i}] must be a SamplingParams, got {type(sp).__name__}")
             sp.validate()
             ids = self.validate_prompt(prompt, sp, index=i)
+            compiled = self.grammar.compile(sp) if sp.is_constrained else None  # cached by validate_prompt
             base_seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
             for j in range(sp.n):
                 seed = base_seed if j == 0 else (base_seed * 1_000_003 + j) & ((1 << 63) - 1)
                 reqs.append(Request(f"req-{next(self._ids)}", ids, sp, seed, 0))
+                if compiled is not None:
+                    reqs[-1].grammar = self.grammar.new_state(compiled, sp)
         return reqs
 
     def validate_prompt(self, prompt: Prompt, sp: SamplingParams, index: int = 0) -> list[int]:
@@ -155,8 +161,11 @@ class Engine:
                              f"the KV cache capacity of {capacity} tokens")
         if sp.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; use stop_token_ids")
-        if sp.is_constrained:
-            raise ValueError("constrained decoding (json_schema / regex / grammar) is not available in this build")
+        if sp.is_constrained:  # compiled here, in the caller's thread (with a timeout), and cached
+            try:
+                self.grammar.compile(sp)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         if sp.return_routed_experts and not self.runner.model.num_experts:
             raise ValueError("SamplingParams.return_routed_experts needs a mixture-of-experts model")
         return ids
@@ -224,6 +233,11 @@ class Engine:
         their locked prefixes stay until they finish."""
         return self.call(lambda: self.cache.flush() if self.cache is not None else 0)
 
+    def rebalance_experts(self) -> dict[str, float]:
+        """EPLB now: replicate and re-place experts by the load since the last rebalance (ep_size > 1);
+        returns the max/mean rank load of that window before and after."""
+        return self.call(self.runner.rebalance_experts)
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         return self.weights.update_from_tensors(named_tensors, version)
 
@@ -283,6 +297,7 @@ class Engine:
             "kv_cached_pages": self.cache.num_cached_pages if self.cache is not None else 0,
             "paused": self._paused,
             "uptime_s": time.monotonic() - self._started,
+            **(self.runner.experts.stats() if self.runner.experts is not None else {}),  # MoE: expert load
         }
 
     def shutdown(self) -> None:
@@ -292,6 +307,7 @@ class Engine:
         self._inbox.put(("stop",))
         self._thread.join(timeout=30)
         self.weights.close()
+        self.runner.shutdown()  # stops the worker processes of tp/ep > 1
 
     def __enter__(self) -> Engine:
         return self
@@ -358,12 +374,13 @@ class Engine:
         """Overlapped: while step t runs on the device, the host schedules and launches step t+1, then
         resolves step t. Control calls, retraction and MoE routing capture resolve the in-flight step
         first, so they always see a settled state."""
+        set_parallel_state(self.runner.parallel)  # this thread runs the model's collectives (tp/ep > 1)
         while not self._stopped:
             held = self._paused or self._paused_for_memory
             self._drain(block=(self.scheduler.is_idle or held) and self._inflight is None)
             if self._stopped:
                 break
-            if held:
+            if self._paused or self._paused_for_memory:  # re-read: the drain may have just paused
                 self._sync()
                 continue
             self._expire_sessions()
@@ -376,7 +393,7 @@ class Engine:
             handle = None
             if batch is not None:
                 try:
-                    handle = self.runner.launch(batch, self._inflight)
+                    handle = self.runner.launch(batch, self._inflight, self._grammar_masks(batch))
                 except Exception as e:  # a failed step ends its requests, never the engine
                     self._fail(batch, e)
                 else:
@@ -391,6 +408,20 @@ class Engine:
         self._sync()
         for req in list(self._requests.values()):  # shutdown: nothing accepted is lost silently
             self.scheduler.finish(req, "abort", "engine shut down")
+
+    def _grammar_masks(self, batch) -> Callable[[], torch.Tensor] | None:
+        """For a step that samples constrained requests: the bitmask, made once its forward is queued.
+        It needs the in-flight step's tokens, so it resolves that step first (matchers advance) while
+        the device runs the forward. None when no sampling row is constrained (fully overlapped)."""
+        reqs = [r for r, s in zip(batch.reqs, batch.sampling) if s]
+        if not any(r.grammar is not None for r in reqs):
+            return None
+
+        def fill() -> torch.Tensor:
+            self._sync()
+            return self.grammar.fill_bitmask(reqs, pin=self.runner.device.type == "cuda")
+
+        return fill
 
     def _sync(self) -> None:
         """Resolve the in-flight step: its tokens reach the requests, stops are checked."""
@@ -425,11 +456,14 @@ class Engine:
         self.scheduler.resolve(batch, tokens, logprobs, tops, self._check_stop)
 
     def _record_experts(self, batch, starts: list[int], experts: list[torch.Tensor]) -> None:
-        """Per computed token of requests that asked: expert ids [moe_layer][k]."""
+        """Per computed position of requests that asked: expert ids [moe_layer][k]. A request's list covers
+        positions 0 .. len(prompt) + len(output) - 2 (the last token is sampled, never computed)."""
         stacked = torch.stack(experts, dim=1).tolist()  # [T, L, k]
         offset = 0
         for req, start, n in zip(batch.reqs, starts, batch.num_new):
             if req.sampling.return_routed_experts:
+                if start > len(req.routed_experts):  # a prefix from the cache: its routing is kept with its KV
+                    req.routed_experts += self.runner.routed_experts(req.page_table, len(req.routed_experts), start)
                 # a recompute (retraction) revisits positions already recorded: keep the first record
                 for pos in range(max(start, len(req.routed_experts)), start + n):
                     req.routed_experts.append(stacked[offset + pos - start])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from gyre.engine.config import EngineConfig
 from gyre.engine.kv_pool import KVPool
 from gyre.engine.layers.attention import AttentionBackend, AttentionMetadata, make_backend
 from gyre.engine.models import model_class
+from gyre.engine.parallel import get_parallel_state, min_over_ranks, use_parallel_state
 from gyre.engine.request import Request
 from gyre.engine.sampler import DeviceSample, SampleOutput, Sampler, to_host
 from gyre.engine.scheduler import ScheduledBatch
@@ -41,19 +43,53 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if not os.path.isfile(os.path.join(config.model_path, "config.json")):
             raise FileNotFoundError(f"{config.model_path!r} is not an HF model directory (no config.json)")
         self.hf_config = AutoConfig.from_pretrained(config.model_path)
+        self.workers = None  # rank 0 of a parallel engine: gyre.engine.workers.WorkerGroup (ranks 1..)
+        if rank == 0 and config.tp_size * config.ep_size > 1:
+            from gyre.engine.workers import WorkerGroup
+
+            self.workers = WorkerGroup(config, self.hf_config, self.device)  # validates, starts, connects
+        self.parallel = self.workers.state if self.workers is not None else get_parallel_state()
+        try:
+            with use_parallel_state(self.parallel):
+                self._build(config)
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except BaseException as e:
+            if self.workers is None:
+                raise
+            err = self.workers.abort_start()
+            if err is None:
+                raise
+            raise err from e
+
+    def _build(self, config: EngineConfig) -> None:
         self.model = self._build_model()
         self.pool = self._build_pool()
+        from gyre.engine.eplb import ExpertBalancer
+        from gyre.engine.layers.moe import attach_routing_store, moe_layers
+
+        is_moe, rank0 = bool(moe_layers(self.model)), self.parallel.rank == 0
+        self.experts = ExpertBalancer(self) if is_moe and rank0 else None  # expert load statistics, EPLB
+        # [moe_layer, kv slot, k]: routing of every computed position, kept with its KV (rank 0)
+        self.routing_store = attach_routing_store(self.model, self.pool.num_pages * self.pool.page_size) if rank0 else None
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
-        self.backend = make_backend(backend, self.pool)
+        if config.deterministic:  # batch-invariant layers and attention, whatever backend was asked for
+            from gyre.engine.deterministic import DeterministicBackend, make_batch_invariant
+
+            make_batch_invariant(self.model)
+            cfg = self.hf_config
+            self.backend = DeterministicBackend(self.pool, cfg.num_attention_heads // cfg.num_key_value_heads)
+        else:
+            self.backend = make_backend(backend, self.pool)
         self.sampler = Sampler(self.device)
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graph:
@@ -68,6 +104,10 @@ class ModelRunner:
         model.eval()
         if self.config.load_format == "dummy":
             init_dummy(model, self.config.seed)
+        elif self.parallel.world_size > 1:
+            from gyre.engine.shards import load_shard
+
+            load_shard(model, self.config.model_path)  # only this rank's shard and experts
         else:
             load_checkpoint(model, self.config.model_path)
         return model
@@ -99,6 +139,7 @@ class ModelRunner:
             num_tokens = max(int(budget // per_page), 2) * ps
         else:
             num_tokens = 65536
+        num_tokens = min_over_ranks(num_tokens)  # every rank holds the same pages
         return KVPool(num_tokens // ps + 1, ps, layers, kv_heads, head_dim, self.dtype, self.device)
 
     def on_memory_released(self) -> None:
@@ -177,11 +218,21 @@ class ModelRunner:
                 prev: StepHandle | None = None) -> tuple[torch.Tensor, Any]:
         """Runs the model; returns (logits [N, V] of the sampling rows, routed experts or None)."""
         h = self.prepare(batch)
+        if self.workers is None:
+            return self.forward_prepared(h, capture_experts, prev)
+        self.workers.send_step(h, capture_experts)  # every rank runs the same step
+        with self.workers.failures():
+            return self.forward_prepared(h, capture_experts, prev)
+
+    @torch.inference_mode()
+    def forward_prepared(self, h: dict[str, Any], capture_experts: bool = False,
+                         prev: StepHandle | None = None) -> tuple[torch.Tensor, Any]:
+        """forward() of prepare()'s host tensors (a worker rank runs the steps rank 0 sends it)."""
         is_decode = all(n == 1 for n in h["q_lens_cpu"])
         graphs = self.graphs
+        bs = len(h["seq_lens_cpu"])
         if (graphs is not None and is_decode and not capture_experts
-                and graphs.can_run(len(batch.reqs), h["page_table"].shape[1])):
-            bs = len(batch.reqs)
+                and graphs.can_run(bs, h["page_table"].shape[1])):
             graphs.load_inputs(h["input_ids"], h["positions"], h["slot_mapping"], h["page_table"], h["seq_lens"])
             self._fill_pending(graphs.input_ids[:bs], h, prev)
             return graphs.replay(bs), None
@@ -206,19 +257,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: StepHandle | None = None,
-               masks: torch.Tensor | None = None) -> StepHandle:
-        """Queue one step on the device (forward + sampling) without waiting for it."""
+               masks: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> StepHandle:
+        """Queue one step on the device (forward + sampling) without waiting for it. masks: [B, V] bool,
+        a grammar bitmask [B, ceil(V / 32)] int32 (gyre.engine.grammar), or a callable returning one,
+        called once the forward is queued (host work that overlaps it)."""
+        if self.experts is not None:
+            self.experts.on_step()  # counts steps; rebalances every eplb_interval
         capture = any(r.sampling.return_routed_experts for r in batch.reqs)
         starts = [r.num_computed for r in batch.reqs]
         logits, experts = self.forward(batch, capture_experts=capture, prev=prev)
+        if callable(masks):
+            masks = masks()
         sampling_reqs: list[Request] = [r for r, s in zip(batch.reqs, batch.sampling) if s]
         sample = self.sampler.sample(logits, sampling_reqs, masks) if sampling_reqs else None
+        if self.workers is not None and sample is not None:
+            self.workers.share_tokens(sample.tokens)  # the workers' next step may read them
         return StepHandle(batch, sample, experts, starts)
 
     def run(self, batch: ScheduledBatch, masks: torch.Tensor | None = None) -> tuple[SampleOutput, Any]:
         """One synchronous step: launch and wait."""
         handle = self.launch(batch, None, masks)
         return handle.wait(), handle.experts
+
+    # -- parallel engines and MoE -------------------------------------------------------------------
+    def routed_experts(self, page_table: list[int], start: int, end: int) -> list[list[list[int]]]:
+        """Stored routing of positions [start, end) of a sequence: [position][moe_layer][k]."""
+        from gyre.engine.layers.moe import read_routing
+
+        return read_routing(self.routing_store, page_table, self.pool.page_size, start, end)
+
+    def rebalance_experts(self) -> dict[str, float]:
+        if self.experts is None:
+            raise ValueError("rebalance_experts needs a mixture-of-experts model with ep_size > 1")
+        return self.experts.rebalance()
+
+    def shutdown(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
 
 
 class StepHandle:

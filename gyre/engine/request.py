@@ -16,7 +16,12 @@ class SamplingParams:
     `output_logprobs[i]` of a Completion is the log-probability of the sampled token under
     softmax(logits / temperature) (temperature 0 -> softmax(logits)): what a trainer recomputes. The
     top-k / top-p / min-p truncation is NOT renormalised into it. With a grammar, the logits are masked
-    first, so the logprob is that of the masked distribution actually sampled from.
+    first, so the logprob is that of the masked distribution actually sampled from (a trainer that
+    recomputes logprobs without the mask gets other values for those tokens).
+
+    json_schema (a JSON string or dict), regex or grammar (EBNF, root rule `root`): at most one; the
+    output is constrained to it (gyre.engine.grammar). Stop tokens are masked until the grammar is
+    complete; the request ends with "stop" when it is (or "length" first).
     """
 
     max_new_tokens: int = 128
@@ -168,6 +173,7 @@ class Request:
         self.on_finish: Any = None  # callable(Completion)
         self.on_token: Any = None  # callable(Request) after each appended token (streaming)
         self.session: Any = None
+        self.grammar: Any = None  # GrammarState (gyre.engine.grammar) of a constrained request
 
     @property
     def all_ids(self) -> list[int]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gyre.engine.grammar import apply_token_mask
 from gyre.engine.request import Request
 from gyre.kernels.sampling import logprobs_of, logprobs_of_ref, sample, sample_ref
 
@@ -38,10 +39,10 @@ class Sampler:
         self.device = device
 
     def sample(self, logits: torch.Tensor, reqs: list[Request], masks: torch.Tensor | None = None) -> DeviceSample:
-        """logits [B, V] float32, one row per request; masks [B, V] bool (True = allowed) or None.
-        Launches everything asynchronously; nothing waits for the device."""
+        """logits [B, V] float32, one row per request; masks [B, V] bool (True = allowed), a grammar
+        bitmask [B, ceil(V / 32)] int32, or None. Launches everything asynchronously; nothing waits."""
         if masks is not None:
-            logits = logits.masked_fill(~masks, float("-inf"))
+            logits = apply_token_mask(logits, masks)
         sp = [r.sampling for r in reqs]
         dev = logits.device
         floats = torch.tensor([[s.temperature, s.top_p, s.min_p] for s in sp], dtype=torch.float32)
@@ -73,6 +74,6 @@ def to_host(d: DeviceSample) -> SampleOutput:
     if d.top_ids is not None:
         ids, vals = d.top_ids.tolist(), d.top_values.tolist()
         for i, k in enumerate(d.top_counts):
-            if k:
-                tops[i] = dict(zip(ids[i][:k], vals[i][:k]))
+            if k:  # tokens a grammar masked out (-inf) are left out
+                tops[i] = {t: v for t, v in zip(ids[i][:k], vals[i][:k]) if v != float("-inf")}
     return SampleOutput(tokens, logprobs, tops)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gyre.engine.config import EngineConfig
+from gyre.engine.grammar import accept_tokens
 from gyre.engine.kv_pool import KVPool
 from gyre.engine.radix_cache import RadixCache
 from gyre.engine.request import Request, Status
@@ -118,6 +119,9 @@ class Scheduler:
         """The step was launched: count its tokens as computed; sampled tokens become pending."""
         row = 0
         for req, n, samples in zip(batch.reqs, batch.num_new, batch.sampling):
+            if req.status != Status.RUNNING:  # finished by the previous step, resolved during the launch
+                row += samples
+                continue
             req.num_computed += n
             if not req.is_decoding:
                 self.num_prefill_tokens += n
@@ -132,7 +136,11 @@ class Scheduler:
     def resolve(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list[float | None],
                 tops: list[dict[int, float] | None], check_stop: Callable[[Request], str | None]) -> None:
         """The step's sampled tokens arrived (None for non-sampling rows): append them, check stops."""
-        for req, tok, lp, top in zip(batch.reqs, tokens, logprobs, tops):
+        # NOTE: grammar matchers advance here, once per output token (a recompute never re-feeds them)
+        rows = [i for i, (r, t) in enumerate(zip(batch.reqs, tokens))
+                if r.grammar is not None and t is not None and r.status == Status.RUNNING]
+        accepted = dict(zip(rows, accept_tokens([batch.reqs[i].grammar for i in rows], [tokens[i] for i in rows])))
+        for i, (req, tok, lp, top) in enumerate(zip(batch.reqs, tokens, logprobs, tops)):
             if tok is None or req.status != Status.RUNNING:
                 continue  # not sampling, or finished / aborted while the step ran
             req.num_pending -= 1
@@ -144,7 +152,13 @@ class Scheduler:
             if req.sampling.top_logprobs:
                 req.top_logprobs.append(top or {})
             req.output_versions.append(self.version)
-            reason = check_stop(req)
+            if req.grammar is not None:
+                if not accepted[i]:
+                    self.finish(req, "abort", f"token {tok} violates the request's grammar")
+                    continue
+                reason = "stop" if req.grammar.is_terminated else check_stop(req)
+            else:
+                reason = check_stop(req)
             if reason is not None:
                 self.finish(req, reason)
             elif req.on_token is not None:

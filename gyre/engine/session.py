@@ -48,6 +48,7 @@ class Session:
         self._tools: list | None = None
         self._node: Any = None  # radix node locked between turns (touched on the engine thread only)
         self._mutex = threading.Lock()
+        self._request_id: str | None = None  # of the turn in flight
 
     # -- public -------------------------------------------------------------------------------------
     def generate(self, new: Any = None, sampling: SamplingParams | None = None, tools: list | None = None) -> Completion:
@@ -59,12 +60,31 @@ class Session:
             self.busy = False
 
     async def agenerate(self, new: Any = None, sampling: SamplingParams | None = None,
-                        tools: list | None = None) -> Completion:
-        fut = self._start(new, sampling, tools)
+                        tools: list | None = None, on_token: Any = None) -> Completion:
+        """As generate(); on_token(Request) runs on the engine thread after each token but the last.
+        Cancelling aborts the turn, which is still recorded (its partial output) when it ends."""
+        fut = self._start(new, sampling, tools, on_token)
         try:
-            return self._finish(await asyncio.wrap_future(fut))
+            c = await asyncio.shield(asyncio.wrap_future(fut))
+        except asyncio.CancelledError:
+            self.engine.abort(self._request_id)
+            fut.add_done_callback(self._finish_cancelled)
+            raise
+        try:
+            return self._finish(c)
         finally:
             self.busy = False
+
+    def _finish_cancelled(self, fut: Future) -> None:
+        try:
+            self._finish(fut.result())
+        finally:
+            self.busy = False
+
+    def abort(self) -> None:
+        """Abort the turn in flight, if any: it ends with "abort" and its partial output is recorded."""
+        if self.busy and self._request_id is not None:
+            self.engine.abort(self._request_id)
 
     def append(self, new: Any, trainable: bool = False) -> list[int]:
         """Add environment tokens (tool results, other agents' turns) without generating; returns them."""
@@ -134,7 +154,7 @@ class Session:
         if self.closed:
             raise ValueError(f"session {self.session_id} is closed ({self.close_reason})")
 
-    def _start(self, new: Any, sampling: SamplingParams | None, tools: list | None) -> Future:
+    def _start(self, new: Any, sampling: SamplingParams | None, tools: list | None, on_token: Any = None) -> Future:
         self._check_open()
         sampling = sampling or SamplingParams()
         if sampling.n != 1:
@@ -144,7 +164,7 @@ class Session:
                 raise RuntimeError(f"session {self.session_id} is already generating")
             if tools is not None:
                 self._tools = tools
-            turn_start = len(self._traj.token_ids)
+            turn_start, num_messages = len(self._traj.token_ids), len(self._messages)
             if new:
                 self._append(new, trainable=False, add_generation_prompt=True)
             if not self._traj.token_ids:
@@ -153,12 +173,14 @@ class Session:
                 (req,) = self.engine.make_requests([self._traj.token_ids], sampling)
             except ValueError:
                 self._truncate(turn_start)
+                del self._messages[num_messages:]  # the failed turn leaves nothing behind
                 raise
             req.keep_lock = self.keep_lock
             req.session = self
             self.busy = True
+            self._request_id = req.request_id
         self.last_used = time.monotonic()
-        return self.engine._submit(req)
+        return self.engine._submit(req, on_token)
 
     def _finish(self, c: Completion) -> Completion:
         t = self._traj

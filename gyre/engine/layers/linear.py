@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gyre.engine.parallel import get_parallel_state, tp_all_reduce
+from gyre.kernels import batch_invariant as bi
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -28,6 +29,8 @@ def expected_shape(param: nn.Parameter, shard_id: object = None) -> tuple[int, .
 
 class Linear(nn.Module):
     """y = x W^T (+ b). tp_mode: None (replicated), "column" (split out dim) or "row" (split in dim)."""
+
+    batch_invariant = False  # set by gyre.engine.deterministic.make_batch_invariant
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_mode: str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -69,6 +72,8 @@ class Linear(nn.Module):
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return bi.linear(x, self.weight, self.bias)
         if self.tp_mode == "row" and self.tp_size > 1:
             y = F.linear(x, self.weight)
             tp_all_reduce(y)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gyre.kernels import batch_invariant as bi
 from gyre.kernels.rotary import apply_rotary, apply_rotary_ref, rope_cos_sin_cache
 
 
@@ -24,6 +25,8 @@ def rope_parameters(hf_config: Any) -> tuple[float, dict | None]:
 
 
 class RotaryEmbedding(nn.Module):
+    batch_invariant = False  # set by gyre.engine.deterministic.make_batch_invariant
+
     def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict | None) -> None:
         super().__init__()
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(head_dim, max_positions, base, scaling),
@@ -31,6 +34,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, Hq, D]; k [T, Hk, D] -> rotated (q, k); on CUDA in place."""
+        if self.batch_invariant:  # the same kernels, differentiable
+            return bi.rotary(q, k, positions, self.cos_sin_cache)
         if q.is_cuda:
             return apply_rotary(q, k, positions, self.cos_sin_cache)
         return apply_rotary_ref(q, k, positions, self.cos_sin_cache)

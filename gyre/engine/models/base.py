@@ -16,6 +16,7 @@ from torch import nn
 
 from gyre.engine.layers.linear import Linear, expected_shape
 from gyre.engine.parallel import tp_all_gather_last_dim
+from gyre.kernels import batch_invariant as bi
 
 _STACKED = [  # (HF name part, our name part, shard id)
     (".q_proj.", ".qkv_proj.", "q"),
@@ -29,6 +30,8 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 class CausalLMBase(nn.Module):
+    batch_invariant = False  # set by gyre.engine.deterministic.make_batch_invariant
+
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.config = cfg
@@ -47,6 +50,8 @@ class CausalLMBase(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V]."""
         if self.lm_head is None:
+            if self.batch_invariant:
+                return bi.linear(hidden, self.model.embed_tokens.weight).float()
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
         return tp_all_gather_last_dim(self.lm_head(hidden)).float()
 

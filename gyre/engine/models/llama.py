@@ -18,6 +18,7 @@ from gyre.engine.layers.norm import RMSNorm
 from gyre.engine.layers.rotary import RotaryEmbedding, rope_parameters
 from gyre.engine.models.base import CausalLMBase
 from gyre.engine.parallel import get_parallel_state
+from gyre.kernels import batch_invariant as bi
 from gyre.kernels.activation import silu_and_mul
 
 
@@ -53,6 +54,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    batch_invariant = False  # set by gyre.engine.deterministic.make_batch_invariant
+
     def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.intermediate = intermediate_size // get_parallel_state().tp_size
@@ -62,6 +65,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up_proj(x)  # [T, 2I]
+        if self.batch_invariant:
+            return self.down_proj(bi.silu_and_mul(h))
         if h.is_cuda:
             return self.down_proj(silu_and_mul(h))
         gate, up = h.split(self.intermediate, dim=-1)

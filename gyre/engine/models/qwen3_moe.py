@@ -12,6 +12,7 @@ from gyre.engine.layers.moe import FusedMoE, route
 from gyre.engine.models.base import CausalLMBase
 from gyre.engine.models.llama import MLP, Backbone, DecoderLayer
 from gyre.engine.parallel import get_parallel_state
+from gyre.kernels import batch_invariant as bi
 
 
 def num_experts_of(cfg: Any) -> int:
@@ -20,6 +21,7 @@ def num_experts_of(cfg: Any) -> int:
 
 class SparseMoeBlock(nn.Module):
     takes_ctx = True
+    batch_invariant = False  # set by gyre.engine.deterministic.make_batch_invariant
 
     def __init__(self, cfg: Any, layer_id: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -33,9 +35,11 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         router_logits = self.gate(x)  # [T, E]
-        topk_weights, topk_ids = route(router_logits, self.top_k, self.renormalize)
+        topk_weights, topk_ids = (bi.route if self.batch_invariant else route)(router_logits, self.top_k,
+                                                                              self.renormalize)
         if ctx.routed_experts is not None:
             ctx.routed_experts.append(topk_ids)
+        self.experts.observe(topk_ids, ctx)  # load statistics (EPLB) and the routing store
         return self.experts(x, topk_weights, topk_ids)
 
 
