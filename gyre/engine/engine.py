@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
@@ -198,9 +199,22 @@ class Engine:
         """Run fn on the engine thread between steps and return its result (or raise its error)."""
         if threading.current_thread() is self._thread:
             return fn()
+        if self._stopped:
+            raise RuntimeError("the engine is shut down")
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
-        return fut.result(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # never wait forever on an engine thread that has stopped
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            try:
+                return fut.result(wait)
+            except FutureTimeout:
+                if fut.done():
+                    return fut.result()
+                if not self._thread.is_alive():
+                    raise RuntimeError("the engine stopped before running the call") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"engine call did not run within {timeout} s") from None
 
     def pause(self, mode: str = "in_place") -> None:
         """Stop scheduling. in_place: running requests wait, and continue on resume; abort: they end
@@ -406,6 +420,16 @@ class Engine:
             if batch is None and self._inflight is None:
                 self._idle_checks()
         self._sync()
+        while True:  # messages that arrived after stop: calls fail, requests end with "abort"
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "call":
+                msg[2].set_exception(RuntimeError("the engine is shut down"))
+            elif msg[0] == "add":
+                self._requests[msg[1].request_id] = msg[1]
+                self.scheduler.add(msg[1])
         for req in list(self._requests.values()):  # shutdown: nothing accepted is lost silently
             self.scheduler.finish(req, "abort", "engine shut down")
 

@@ -86,12 +86,15 @@ class Session:
         if self.busy and self._request_id is not None:
             self.engine.abort(self._request_id)
 
-    def append(self, new: Any, trainable: bool = False) -> list[int]:
-        """Add environment tokens (tool results, other agents' turns) without generating; returns them."""
+    def append(self, new: Any, trainable: bool = False, tools: list | None = None) -> list[int]:
+        """Add environment tokens (tool results, other agents' turns) without generating; returns them.
+        tools: tool schemas for the chat template (when the conversation starts here)."""
         self._check_open()
         with self._mutex:
             if self.busy:
                 raise RuntimeError(f"session {self.session_id} is generating; append after the turn ends")
+            if tools is not None:
+                self._tools = tools
             return self._append(new, trainable, add_generation_prompt=False)
 
     def trajectory(self) -> Trajectory:

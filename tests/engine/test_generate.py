@@ -224,3 +224,12 @@ def test_over_capacity_prompt_is_rejected(llama_dir):
     with Engine(llama_dir, page_size=4, max_num_tokens=64) as eng:
         with pytest.raises(ValueError, match="KV cache capacity"):
             eng.generate([[5] * 60], SamplingParams(max_new_tokens=10))
+
+
+def test_calls_after_shutdown_fail_cleanly(llama_dir):
+    eng = Engine(llama_dir)
+    eng.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.flush_cache()
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.generate([[1, 2, 3]], GREEDY)
