@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (RecipeError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     history = train(recipe, resume=args.resume)
-    if history:
+    if history and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary
         first, last = history[0], history[-1]
         print(json.dumps({"steps": last["step"], "reward_first": first["reward_mean"],
                           "reward_last": last["reward_mean"], "weight_version": last["weight_version"],

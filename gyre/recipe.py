@@ -66,6 +66,13 @@ class TrainerSection:
     checkpoint_every: int = 10  # steps; 0: only at the end
     seed: int = 0
     device: str = "auto"
+    # "hf": the policy is the HF transformers model; "gyre": gyre's own modules on the batch-invariant ops
+    # (gyre.trainers.training_forward), whose logprobs equal an `engine: {deterministic: true}`'s bitwise
+    forward: str = "hf"
+
+    def __post_init__(self) -> None:
+        if self.forward not in ("hf", "gyre"):
+            raise ValueError(f"trainer.forward must be hf | gyre, got {self.forward!r}")
 
 
 @dataclass

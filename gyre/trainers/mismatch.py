@@ -82,14 +82,21 @@ def trainer_logprobs(
     pad_id: int = 0,
 ) -> list[torch.Tensor]:
     """log_softmax(logits / T)[next token] at every position of each sequence: [len - 1] float32, entry
-    i for token i + 1. `model` is an HF causal LM (called as model(input_ids=, attention_mask=).logits)
-    or a function (input_ids, attention_mask) -> logits. Sequences are right-padded in batches; an
-    FSDP model needs every rank to call this with the same number of sequences."""
+    i for token i + 1. `model` is an HF causal LM (called as model(input_ids=, attention_mask=).logits),
+    a gyre training model (gyre.trainers.training_forward: sequences packed whole, no padding, so against
+    an `Engine(deterministic=True)` with the same weights the difference is exactly 0) or a function
+    (input_ids, attention_mask) -> logits. Sequences are right-padded in batches; an FSDP model needs
+    every rank to call this with the same number of sequences."""
     t = temperature if temperature > 0 else 1.0
     device = _device_of(model)
     out: list[torch.Tensor] = []
     for start in range(0, len(token_ids), batch_size):
         seqs = token_ids[start : start + batch_size]
+        if is_training_model(model):
+            from gyre.trainers.training_forward import sequence_logprobs
+
+            out += [lp.float().cpu() for lp in sequence_logprobs(model, seqs, temperature)]
+            continue
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         attn = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -125,6 +132,11 @@ def rollout_mismatch(
     if not lp_t:
         return mismatch_stats(torch.zeros(0), torch.zeros(0))
     return mismatch_stats(torch.stack(lp_t), torch.tensor(lp_e, dtype=torch.float64))
+
+
+def is_training_model(model: Any) -> bool:
+    """A gyre model (gyre.trainers.training_forward), not an HF one: it computes logits from hidden states."""
+    return isinstance(model, nn.Module) and hasattr(model, "compute_logits")
 
 
 def _device_of(model: nn.Module | LogitsFn) -> torch.device:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gyre.recipe import DataSection, LoggingSection, ModelSection, Recipe
 from gyre.trainers import tasks
@@ -21,22 +22,31 @@ log = logging.getLogger("gyre.train")
 
 
 class RunDir:
-    """runs/<name>/: recipe.json, metrics.jsonl (one line per step), checkpoint.pt, reward.png."""
+    """runs/<name>/: recipe.json, metrics.jsonl (one line per step), checkpoint.pt, reward.png.
+    Under torch.distributed, rank 0 alone writes (is_main); the other ranks only read the checkpoint."""
 
-    def __init__(self, cfg: LoggingSection, recipe: Recipe) -> None:
+    def __init__(self, cfg: LoggingSection, recipe: Recipe, is_main: bool = True) -> None:
         self.cfg = cfg
+        self.is_main = is_main
         self.path = Path(cfg.run_dir) / cfg.name
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
         self.metrics_path = self.path / "metrics.jsonl"
         self.ckpt_path = self.path / "checkpoint.pt"
         self.wandb = None
+        if not is_main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
         if cfg.wandb:
             try:
                 from gyre.rollout.metrics import WandbLogger
 
-                self.wandb = WandbLogger(project="gyre", mode=cfg.wandb_mode, dir=str(self.path), name=cfg.name,
-                                         config=dataclasses.asdict(recipe))
+                self.wandb = WandbLogger(
+                    project="gyre",
+                    mode=cfg.wandb_mode,
+                    dir=str(self.path),
+                    name=cfg.name,
+                    config=dataclasses.asdict(recipe),
+                )
             except ImportError:
                 log.warning("wandb is not installed: logging to metrics.jsonl only")
 
@@ -44,7 +54,9 @@ class RunDir:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+            self.wandb.log(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"]
+            )
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -54,9 +66,19 @@ class RunDir:
     def should_checkpoint(self, step: int, cfg) -> bool:
         return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 or step == cfg.steps
 
-    def save_checkpoint(self, policy, opt, step: int, version: int, data_pos: int) -> None:
-        state = {"policy": policy.state_dict(), "optimizer": opt.state_dict(), "step": step, "version": version,
-                 "data_pos": data_pos, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}
+    def save_checkpoint(
+        self, policy_state: dict, optim_state: dict, step: int, version: int, data_pos: int, **extra: Any
+    ) -> None:
+        state = {
+            "policy": policy_state,
+            "optimizer": optim_state,
+            "step": step,
+            "version": version,
+            "data_pos": data_pos,
+            "torch_rng": torch.get_rng_state(),
+            "py_rng": random.getstate(),
+            **extra,
+        }
         tmp = self.ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)  # atomic: a kill never leaves a half-written checkpoint
@@ -65,6 +87,8 @@ class RunDir:
         if not self.ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
         state = torch.load(self.ckpt_path, weights_only=False)
+        if not self.is_main:
+            return state
         # steps logged after the checkpoint are redone: drop their lines
         kept = [m for m in self.read_metrics() if m["step"] <= state["step"]]
         self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
@@ -157,8 +181,13 @@ def calculator(expression: str) -> str:
     import ast
     import operator
 
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.USub: operator.neg}
+    ops = {
+        ast.Add: operator.add,
+        ast.Sub: operator.sub,
+        ast.Mult: operator.mul,
+        ast.Div: operator.truediv,
+        ast.USub: operator.neg,
+    }
 
     def ev(node: ast.AST) -> float:
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
@@ -174,7 +203,8 @@ def calculator(expression: str) -> str:
 
 
 def sft_warmup(policy, tokenizer: Any, recipe: Recipe, device: torch.device) -> None:
-    """Supervised steps on the task's reference answers (prompt tokens masked out)."""
+    """Supervised steps on the task's reference answers (prompt tokens masked out); an HF policy or, with
+    trainer.forward = gyre, a gyre training model."""
     cfg = recipe.warmup
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     stream = make_stream(recipe.data, tokenizer, start=10_000_000)  # disjoint from the RL prompts
@@ -183,8 +213,11 @@ def sft_warmup(policy, tokenizer: Any, recipe: Recipe, device: torch.device) -> 
         rows = []
         for _ in range(cfg.batch_size):
             task = next(stream)
-            prompt = task["prompt"] if isinstance(task["prompt"], list) else tokenizer.encode(
-                task["prompt"], add_special_tokens=False)
+            prompt = (
+                task["prompt"]
+                if isinstance(task["prompt"], list)
+                else tokenizer.encode(task["prompt"], add_special_tokens=False)
+            )
             answer = tokenizer.encode(task["answer"], add_special_tokens=False) + [eos]
             rows.append((prompt, answer))
         length = max(len(p) + len(a) for p, a in rows)
@@ -195,11 +228,68 @@ def sft_warmup(policy, tokenizer: Any, recipe: Recipe, device: torch.device) -> 
             n = len(p) + len(a)
             ids[i, :n] = torch.tensor(p + a)
             attn[i, :n] = 1
-            labels[i, len(p):n] = torch.tensor(a)
-        out = policy(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device))
+            labels[i, len(p) : n] = torch.tensor(a)
+        if recipe.trainer.forward == "gyre":
+            logp = padded_logprobs(policy, ids.to(device), attn.to(device), 1.0)  # [B, T-1]
+            answer = (labels[:, 1:] != -100).to(device, logp.dtype)
+            loss = -(logp * answer).sum() / answer.sum()
+        else:
+            loss = policy(
+                input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)
+            ).loss
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         if (step + 1) % 50 == 0:
-            log.info("warm-up step %d loss %.3f", step + 1, float(out.loss))
+            log.info("warm-up step %d loss %.3f", step + 1, float(loss))
+
+
+def padded_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The HF-style [B, T-1] logprobs of targets ids[:, 1:] from a gyre training model: the right-padded rows
+    are packed whole (training_forward.token_logprobs), 0 at padding. Differentiable."""
+    from gyre.trainers.training_forward import token_logprobs
+
+    lens = attn.sum(1).tolist()  # rows are right-padded: row b is ids[b, :lens[b]]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    flat = token_logprobs(model, torch.cat([ids[b, :n] for b, n in enumerate(lens)]), cu, temperature)  # [N]
+    rows = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens) - 1).to(flat.device)
+    cols = torch.cat([torch.arange(n - 1) for n in lens]).to(flat.device)
+    src = torch.cat([torch.arange(a + 1, b) for a, b in zip(cu, cu[1:])]).to(flat.device)  # token i given < i
+    return flat.new_zeros(ids.shape[0], ids.shape[1] - 1).index_put((rows, cols), flat[src])
+
+
+# -- data parallel (FSDP2) ---------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, bool]:
+    """(rank, world_size, initialised here): joins a group the caller (torchrun) set up, or sets one up from
+    the env (WORLD_SIZE > 1: nccl with CUDA, else gloo)."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    return 0, 1, False
+
+
+def broadcast_object(obj: Any) -> Any:
+    """rank 0's obj on every rank (pickled)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: each decoder layer, then the root (embedding, final norm, head). Every rank first takes rank 0's
+    weights, so that ranks that built or warmed up the model on their own start from the same policy."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
