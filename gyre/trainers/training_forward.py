@@ -93,10 +93,34 @@ def build_training_model(
 def hf_named_tensors(
     model: nn.Module, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights as HF checkpoint tensors (fused projections split): `engine.update_weights`."""
+    """The model's weights as HF checkpoint tensors (fused projections split): `engine.update_weights`.
+
+    Under FSDP2 (`fully_shard`) each parameter is gathered in turn (one full parameter at a time):
+    every rank must call this and iterate it to the end, in step; all ranks get the full tensors."""
+    from torch.distributed.tensor import DTensor
+
     from gyre.trainers.adapters.hf import HFAdapter
 
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        model = _FullParameters(model)
     return HFAdapter(model, dtype).named_tensors()
+
+
+class _FullParameters:
+    """A sharded gyre model seen whole: named_parameters() gathers each DTensor when it is reached.
+    NOTE: not an nn.Module (HFAdapter only reads named_parameters and the model's attributes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from torch.distributed.tensor import DTensor
+
+        for name, p in self._model.named_parameters():
+            yield name, p.detach().full_tensor() if isinstance(p, DTensor) else p
 
 
 def token_logprobs(
