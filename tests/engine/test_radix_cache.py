@@ -209,6 +209,7 @@ def test_does_not_import_torch() -> None:
 # -- stateful test against a naive model --
 
 TOKENS = st.lists(st.integers(0, 3), min_size=2, max_size=8)
+SUFFIX = st.lists(st.integers(0, 3), min_size=1, max_size=4)
 VERSION = st.sampled_from([None] * 6 + [0, 1])  # None: the current version
 
 
@@ -246,12 +247,13 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
     def _draw_tokens(self, data: st.DataObject) -> list[int]:
         """Fresh tokens, or a cached prefix or a sequence seen before, cut short and extended."""
-        tokens = data.draw(TOKENS)
         source = data.draw(st.sampled_from(["fresh", "cached", "seen"]))
         bases = [p for _, p in self.entries] if source == "cached" else self.seqs if source == "seen" else []
         if bases:
             base = data.draw(st.sampled_from(bases))
-            tokens = list(base[: len(base) - data.draw(st.integers(0, len(base)))]) + tokens[:4]
+            tokens = list(base[: len(base) - data.draw(st.integers(0, len(base)))]) + data.draw(SUFFIX)
+        else:
+            tokens = data.draw(TOKENS)
         self.seqs.append(tuple(tokens))
         return tokens
 
