@@ -274,11 +274,6 @@ class ModelRunner:
             self.workers.share_tokens(sample.tokens)  # the workers' next step may read them
         return StepHandle(batch, sample, experts, starts)
 
-    def run(self, batch: ScheduledBatch, masks: torch.Tensor | None = None) -> tuple[SampleOutput, Any]:
-        """One synchronous step: launch and wait."""
-        handle = self.launch(batch, None, masks)
-        return handle.wait(), handle.experts
-
     # -- parallel engines and MoE -------------------------------------------------------------------
     def routed_experts(self, page_table: list[int], start: int, end: int) -> list[list[list[int]]]:
         """Stored routing of positions [start, end) of a sequence: [position][moe_layer][k]."""

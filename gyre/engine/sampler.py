@@ -64,9 +64,6 @@ class Sampler:
             top_values, top_ids = torch.topk(logp, max(counts), dim=-1)
         return DeviceSample(tokens, chosen, top_values, top_ids, counts)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request], masks: torch.Tensor | None = None) -> SampleOutput:
-        return to_host(self.sample(logits, reqs, masks))
-
 
 def to_host(d: DeviceSample) -> SampleOutput:
     tokens, logprobs = d.tokens.tolist(), d.logprobs.tolist()

@@ -16,7 +16,6 @@ trainer.forward = gyre trains gyre's own batch-invariant modules (gyre.trainers.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
@@ -346,7 +345,3 @@ def step_metrics(
         **{k: v for k, v in batch.metrics.items() if isinstance(v, (int, float))},
         **update,
     }
-
-
-def metrics_to_json(m: dict[str, Any]) -> str:
-    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()})
