@@ -7,6 +7,11 @@ sequence, the new ones included (their K/V are stored before attention runs).
 
 Kernels gather K/V token by token through the page table, so any page_size works (1, 3, 16, 64...).
 Softmax runs in float32 with exp2; inputs are float32, float16 or bfloat16.
+
+Decode splits each sequence's KV into splits, one program per (sequence, kv head, split), and merges the
+partial softmaxes by their log-sum-exp. Two layouts: splits of a fixed size (default; many sequences) or
+a fixed number of splits per sequence (flash-decoding, for small batches: the grid fills the GPU at
+batch 1; the last split to finish merges, so it is one launch).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import triton.language as tl
 # NOTE: a fixed split size (in KV tokens) keeps the decode reduction order independent of the batch,
 # so a sequence's output does not depend on what else is being decoded with it.
 DECODE_SPLIT_SIZE = 256
+MAX_DECODE_SPLITS = 32  # num_splits bound of the flash-decoding layout (small batches)
+_EVEN_BLOCK_N = 32  # KV tokens per step in that layout; its splits are whole blocks
 
 _LOG2E = 1.4426950408889634
 
@@ -122,7 +129,74 @@ def store_kv_ref(
 
 
 # --------------------------------------------------------------------------------------------------
-# decode: stage 1 computes one partial softmax per (sequence, kv head, split); stage 2 merges the splits
+# decode: stage 1 computes one partial softmax per (sequence, kv head, split); the splits are merged by
+# a second kernel (fixed split size) or by the last split of each (sequence, kv head) to finish (a fixed
+# number of splits: the flash-decoding layout for small batches)
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per sequence for `paged_decode_attention(num_splits=...)`: about two (sequence, kv head,
+    split) programs per SM. Static arguments only (batch bucket, heads, page-table width), so the grid
+    of a CUDA graph is fixed; each sequence then cuts its own length into that many splits."""
+    target = triton.cdiv(2 * num_sms, max(1, batch * num_kv_heads))
+    return max(1, min(target, MAX_DECODE_SPLITS, triton.cdiv(max_seq_len, _EVEN_BLOCK_N)))
+
+
+@triton.jit
+def _merge_splits(
+    mid_o_ptr,
+    mid_lse_ptr,
+    o_ptr,
+    b,
+    kv_head,
+    num_splits,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """o[b, the GROUP heads of kv_head] = the merge of partials [0, num_splits); zeros when there are none."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    b64 = b.to(tl.int64)
+    ml = mid_lse_ptr + b64 * stride_mlb + heads[:, None] * stride_mlh  # [BLOCK_G, 1]
+    mo = mid_o_ptr + b64 * stride_mob + heads[:, None, None] * stride_moh + offs_d[None, None, :]
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        mask_gs = mask_g[:, None] & (s[None, :] < num_splits)
+        # .cg: read through L2, these were written by other programs of this launch
+        lse = tl.load(ml + s[None, :], mask=mask_gs, other=float("-inf"), cache_modifier=".cg")  # [G, S]
+        o = tl.load(
+            mo + s[None, :, None] * stride_mos,
+            mask=mask_gs[:, :, None] & mask_d[None, None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )  # [BLOCK_G, BLOCK_S, BLOCK_D]
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # padded heads: keep exp2 args finite
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new[:, None])  # [BLOCK_G, BLOCK_S], 0 for masked splits
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+        l_sum = l_sum * alpha + tl.sum(w, 1)
+        m = m_new
+    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)[:, None]  # no splits (seq_len 0, a padded row): zeros
+    o = o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o, out.to(o_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -134,8 +208,11 @@ def _decode_split_kernel(
     seq_lens_ptr,
     mid_o_ptr,  # [B, Hq, S, D] float32
     mid_lse_ptr,  # [B, Hq, S] float32, log2 units
+    o_ptr,  # [B, Hq, D]: written here when SPLIT_SIZE == 0
+    lock_ptr,  # [B * Hkv] int32 arrival counters, zero before and after a launch (SPLIT_SIZE == 0)
     qk_scale,  # sm_scale * log2(e)
     page_size,
+    num_splits,
     stride_qb,
     stride_qh,
     stride_ks,
@@ -148,21 +225,29 @@ def _decode_split_kernel(
     stride_mos,
     stride_mlb,
     stride_mlh,
+    stride_ob,
+    stride_oh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT_SIZE: tl.constexpr,
+    SPLIT_SIZE: tl.constexpr,  # > 0: fixed split size; 0: num_splits even splits, merged in the epilogue
+    MERGE_G: tl.constexpr,
+    MERGE_S: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    start = split * SPLIT_SIZE
+    if SPLIT_SIZE > 0:
+        split_size = SPLIT_SIZE
+    else:  # whole blocks, so that every split but the last is full
+        split_size = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_size
     if start < seq_len:
-        end = tl.minimum(start + SPLIT_SIZE, seq_len)
+        end = tl.minimum(start + split_size, seq_len)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         mask_g = offs_g < GROUP
@@ -205,6 +290,25 @@ def _decode_split_kernel(
         tl.store(mo + offs_d[None, :], acc / l_i[:, None], mask=mask_g[:, None] & mask_d[None, :])
         ml = mid_lse_ptr + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split
         tl.store(ml, m_i + tl.log2(l_i), mask=mask_g)
+        if SPLIT_SIZE == 0:  # the last split of this (sequence, kv head) to finish merges them all
+            lock = lock_ptr + b * tl.num_programs(1) + kv_head
+            # NOTE: the barrier orders every thread's partial stores before the release of the atomic;
+            # the acquire (and .cg loads in the merge) make the other programs' partials visible
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+            if arrived == tl.cdiv(seq_len, split_size) - 1:
+                tl.store(lock, 0)  # zero again for the next launch
+                _merge_splits(
+                    mid_o_ptr, mid_lse_ptr, o_ptr, b, kv_head, tl.cdiv(seq_len, split_size),
+                    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+                    GROUP, HEAD_DIM, MERGE_G, MERGE_S, BLOCK_D,
+                )  # fmt: skip
+    elif SPLIT_SIZE == 0 and split == 0:  # seq_len == 0 (a padded row): zeros
+        _merge_splits(
+            mid_o_ptr, mid_lse_ptr, o_ptr, b, kv_head, 0,
+            stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+            GROUP, HEAD_DIM, MERGE_G, MERGE_S, BLOCK_D,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -220,33 +324,20 @@ def _decode_reduce_kernel(
     stride_mlh,
     stride_ob,
     stride_oh,
+    GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT_SIZE: tl.constexpr,
 ):
     b = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    num_splits = tl.cdiv(seq_len, SPLIT_SIZE)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mo = mid_o_ptr + b.to(tl.int64) * stride_mob + head * stride_moh
-    ml = mid_lse_ptr + b.to(tl.int64) * stride_mlb + head * stride_mlh
-    m = float("-inf")
-    l_sum = 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s in range(0, num_splits):
-        lse = tl.load(ml + s)
-        o = tl.load(mo + s * stride_mos + offs_d, mask=mask_d, other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + o * w
-        l_sum = l_sum * alpha + w
-        m = m_new
-    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)  # seq_len == 0 (a padded row) gives zeros
-    o = o_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d
-    tl.store(o, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+    num_splits = tl.cdiv(tl.load(seq_lens_ptr + b), SPLIT_SIZE)
+    _merge_splits(
+        mid_o_ptr, mid_lse_ptr, o_ptr, b, tl.program_id(1), num_splits,
+        stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+        GROUP, HEAD_DIM, BLOCK_G, BLOCK_S, BLOCK_D,
+    )  # fmt: skip
 
 
 def paged_decode_attention(
@@ -259,13 +350,19 @@ def paged_decode_attention(
     sm_scale: float,
     max_seq_len: int | None = None,
     split_size: int = DECODE_SPLIT_SIZE,
+    num_splits: int | None = None,
+    locks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence. q [B, Hq, D] -> out [B, Hq, D] (q.dtype).
 
-    max_seq_len (optional, host int) bounds seq_lens to size the grid; by default it is
-    page_table.shape[1] * page_size, which needs no device sync (CUDA-graph safe). out: optional
-    preallocated [B, Hq, D] output.
+    Default: splits of split_size KV tokens (the reduction order of a sequence does not depend on the
+    batch), grid sized by max_seq_len (optional host int; by default page_table.shape[1] * page_size,
+    which needs no device sync: CUDA-graph safe), merged by a second kernel.
+    num_splits (see decode_num_splits): flash-decoding for small batches. Each sequence is cut into at
+    most num_splits splits of whole 32-token blocks; the last split of each (sequence, kv head) to
+    finish merges them, so the attention is one launch. locks: int32 [>= B * Hkv] zeros (left zeroed;
+    allocated when None). out: optional preallocated [B, Hq, D] output.
     """
     batch, num_q_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache, page_table, seq_lens)
@@ -278,31 +375,43 @@ def paged_decode_attention(
     out = _check_out(out, q)
     if batch == 0:
         return out
-    if max_seq_len is None:
-        max_seq_len = page_table.shape[1] * page_size
-    num_splits = max(1, triton.cdiv(max_seq_len, split_size))
-    mid_o = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     block_d = _block_d(head_dim)
-    block_n = min(64 if block_d <= 128 else 32, split_size)
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse,
-        sm_scale * _LOG2E, page_size,
+    merge_g = triton.next_power_of_2(group)
+    merge_s = max(1, 8192 // (merge_g * block_d))  # partials merged per step: <= 8K floats in registers
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = page_table.shape[1] * page_size
+        grid_splits = max(1, triton.cdiv(max_seq_len, split_size))
+        block_n, kernel_split_size = min(64 if block_d <= 128 else 32, split_size), split_size
+    else:
+        assert 1 <= num_splits <= MAX_DECODE_SPLITS, num_splits
+        if locks is None:
+            locks = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)
+        assert locks.dtype == torch.int32 and locks.is_contiguous() and locks.numel() >= batch * num_kv_heads
+        assert locks.device == q.device
+        grid_splits, block_n, kernel_split_size = num_splits, _EVEN_BLOCK_N, 0
+        merge_s = min(merge_s, triton.next_power_of_2(num_splits))
+    mid_o = torch.empty(batch, num_q_heads, grid_splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(batch, num_q_heads, grid_splits, dtype=torch.float32, device=q.device)
+    strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+               out.stride(0), out.stride(1))  # fmt: skip
+    _decode_split_kernel[(batch, num_kv_heads, grid_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
+        locks if locks is not None else seq_lens,  # (unused with a fixed split size)
+        sm_scale * _LOG2E, page_size, grid_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        page_table.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        page_table.stride(0), *strides,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        BLOCK_N=block_n, SPLIT_SIZE=split_size, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        BLOCK_N=block_n, SPLIT_SIZE=kernel_split_size, MERGE_G=merge_g, MERGE_S=merge_s,
+        PRECISION=_precision(q.dtype), num_warps=4, num_stages=2,
     )  # fmt: skip
-    _decode_reduce_kernel[(batch, num_q_heads)](
-        mid_o, mid_lse, out, seq_lens,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), SPLIT_SIZE=split_size,
-        num_warps=1 if head_dim <= 64 else 2,
-    )  # fmt: skip
+    if num_splits is None:
+        _decode_reduce_kernel[(batch, num_kv_heads)](
+            mid_o, mid_lse, out, seq_lens, *strides,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_G=merge_g, BLOCK_S=merge_s, BLOCK_D=block_d,
+            SPLIT_SIZE=split_size, num_warps=4,
+        )  # fmt: skip
     return out
 
 

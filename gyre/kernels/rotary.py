@@ -3,6 +3,9 @@
 cos_sin_cache [max_positions, rotary_dim] float32: columns [:rotary_dim // 2] hold cos(pos * inv_freq),
 columns [rotary_dim // 2:] hold sin. The first rotary_dim dims of each head are rotated as
 x1, x2 = x[:half], x[half:rotary_dim]; out = (x1 * cos - x2 * sin, x2 * cos + x1 * sin); the rest pass.
+
+rotary_store_kv fuses the rotation with the KV-cache store of attention (gyre.kernels.attention layout:
+k_cache, v_cache [num_slots, Hkv, D]) into one launch.
 """
 
 from __future__ import annotations
@@ -142,3 +145,135 @@ def apply_rotary_ref(
         return torch.cat([(xr * cos + rotated * sin).to(x.dtype), x[..., rotary_dim:]], -1)
 
     return rotate(q), rotate(k)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    positions_ptr,
+    cache_ptr,
+    slot_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_c,
+    stride_kc_s,
+    stride_kc_h,
+    stride_vc_s,
+    stride_vc_h,
+    num_q_heads,
+    num_kv_heads,
+    HALF,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + t)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    cos = tl.load(cache_ptr + pos * stride_c + offs_d, mask=mask_d, other=0.0)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_c + HALF + offs_d, mask=mask_d, other=0.0)[None, :]
+    if tl.program_id(1) == 0:  # axis 1: q (rotated in place) or k/v (rotated into the cache)
+        for h0 in range(0, num_q_heads, BLOCK_H):
+            heads = h0 + offs_h
+            mask = (heads[:, None] < num_q_heads) & mask_d[None, :]
+            p1 = q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]  # first halves
+            x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+            tl.store(p1, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:  # slot < 0 marks a padding token: nothing is stored
+            offs_full = tl.arange(0, BLOCK_D)
+            is_tail = (offs_full >= 2 * HALF) & (offs_full < HEAD_DIM)  # dims past rotary_dim pass through
+            for h0 in range(0, num_kv_heads, BLOCK_H):
+                heads = h0 + offs_h
+                mask_h = heads[:, None] < num_kv_heads
+                mask = mask_h & mask_d[None, :]
+                k_row = k_ptr + t * stride_kt + heads[:, None] * stride_kh  # [BLOCK_H, 1]
+                kc_row = k_cache_ptr + slot * stride_kc_s + heads[:, None] * stride_kc_h
+                x1 = tl.load(k_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+                x2 = tl.load(k_row + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+                out_ty = k_cache_ptr.dtype.element_ty
+                tl.store(kc_row + offs_d[None, :], (x1 * cos - x2 * sin).to(out_ty), mask=mask)
+                tl.store(kc_row + HALF + offs_d[None, :], (x2 * cos + x1 * sin).to(out_ty), mask=mask)
+                mask_tail = mask_h & is_tail[None, :]
+                k_tail = tl.load(k_row + offs_full[None, :], mask=mask_tail)
+                tl.store(kc_row + offs_full[None, :], k_tail.to(out_ty), mask=mask_tail)
+                mask_v = mask_h & (offs_full[None, :] < HEAD_DIM)
+                v_row = v_ptr + t * stride_vt + heads[:, None] * stride_vh
+                vc_row = v_cache_ptr + slot * stride_vc_s + heads[:, None] * stride_vc_h
+                v = tl.load(v_row + offs_full[None, :], mask=mask_v)
+                tl.store(vc_row + offs_full[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask_v)
+
+
+def rotary_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """apply_rotary and store_kv in one launch: rotates q [T, Hq, D] IN PLACE, writes rotated k and v
+    ([T, Hkv, D]) to k_cache / v_cache [num_slots, Hkv, D] at slot_mapping int64 [T] (a negative slot
+    skips that token). k and v are not modified. Returns q."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, (q.shape, k.shape)
+    assert v.shape == k.shape and q.dtype == k.dtype == v.dtype, (k.shape, v.shape, q.dtype, k.dtype, v.dtype)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert k_cache.dim() == 3 and v_cache.shape == k_cache.shape and k_cache.shape[1:] == k.shape[1:]
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert positions.shape == (num_tokens,) and positions.dtype == torch.int64 and positions.is_contiguous()
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
+    assert slot_mapping.is_contiguous()
+    assert cos_sin_cache.dim() == 2 and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.stride(1) == 1
+    rotary_dim = cos_sin_cache.shape[1]
+    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, (rotary_dim, head_dim)
+    if num_tokens == 0:
+        return q
+    half = rotary_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = max(1, min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), 4096 // block_d))
+    _rotary_store_kv_kernel[(num_tokens, 2)](
+        q, k, v, positions, cos_sin_cache, slot_mapping, k_cache, v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        num_q_heads, num_kv_heads, half,
+        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return q
+
+
+def rotary_store_kv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """apply_rotary_ref, then the store: q is rotated in place (as the kernel does), k is not."""
+    q_rot, k_rot = apply_rotary_ref(q, k, positions, cos_sin_cache)
+    q.copy_(q_rot)
+    keep = slot_mapping >= 0
+    k_cache.index_copy_(0, slot_mapping[keep], k_rot[keep].to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping[keep], v[keep].to(v_cache.dtype))
+    return q

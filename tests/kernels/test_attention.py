@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from gyre.kernels.attention import (
+    MAX_DECODE_SPLITS,
+    decode_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_extend_attention,
@@ -39,6 +41,7 @@ DECODE_CASES = [
     (64, 64, (6, 3), [200, 3, 64], 64),
     (16, 128, (8, 1), [300, 2], 256),  # default split size, two splits
     (4, 32, (2, 1), [0, 9], 16),  # an empty (padded) sequence gives zeros
+    (16, 64, (8, 1), [1000], 16),  # 63 splits: four merge steps of 16
 ]
 
 
@@ -67,6 +70,79 @@ def test_paged_decode_attention_batch_invariant(case):
     full = paged_decode_attention(q, k_cache, v_cache, page_table, lens, 4, 0.2, split_size=32)
     alone = paged_decode_attention(q[:1], k_cache, v_cache, page_table[:1], lens[:1], 4, 0.2, split_size=32)
     assert torch.equal(full[:1], alone)
+
+
+SPLIT_CASES = [
+    # page_size, head_dim, (Hq, Hkv), seq_lens, num_splits
+    (1, 32, (32, 8), [0, 1, 70], 4),  # 70 tokens: 3 splits of 32
+    (16, 32, (8, 1), [33, 0, 200, 1], 8),  # 200 tokens: 7 splits of 32
+    (3, 16, (4, 2), [100, 5], 3),
+    (16, 64, (6, 2), [64, 65, 31], 2),  # a group of 3 query heads
+    (16, 64, (8, 1), [1000, 0], MAX_DECODE_SPLITS),  # 32 splits: two merge steps of 16
+]
+
+
+@pytest.mark.parametrize("page_size,head_dim,heads,seq_lens,num_splits", SPLIT_CASES)
+def test_paged_decode_attention_num_splits(case, page_size, head_dim, heads, seq_lens, num_splits):
+    """The flash-decoding layout (small batches): even splits merged by the last one to finish."""
+    num_q_heads, num_kv_heads = heads
+    k_cache, v_cache, page_table = _paged_cache(seq_lens, page_size, num_kv_heads, head_dim, case, seed=11)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=case.device)
+    locks = torch.zeros(len(seq_lens) * num_kv_heads + 3, dtype=torch.int32, device=case.device)
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(2):  # the counters are zero again after a launch
+        q = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=gen).to(case.device, case.dtype)
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k_cache, v_cache, page_table, lens, page_size, head_dim**-0.5,
+                               num_splits=num_splits, locks=locks, out=out)  # fmt: skip
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, page_table, lens, page_size, head_dim**-0.5)
+        case.close(out, ref)
+        assert not locks.any()
+
+
+def test_decode_num_splits_fill_the_gpu():
+    assert decode_num_splits(1, 8, 8192, num_sms=132) == MAX_DECODE_SPLITS  # 8 programs -> 256
+    assert decode_num_splits(4, 8, 8192, num_sms=132) == 9  # 32 programs -> 288
+    assert decode_num_splits(1, 8, 40, num_sms=132) == 2  # no more splits than 32-token blocks
+    assert decode_num_splits(64, 8, 8192, num_sms=132) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_num_splits_in_cuda_graph_replays(batch):
+    """Llama-3-8B heads in a CUDA graph: new seq_lens (0, 1, long) on every replay."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev, dt, page_size, max_pages, dim = "cuda", torch.bfloat16, 16, 300, 128
+    gen = torch.Generator(device=dev).manual_seed(batch)
+    k_cache = torch.randn(batch * max_pages * page_size, 8, dim, device=dev, dtype=dt, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    page_table = torch.randperm(batch * max_pages, device=dev, generator=gen).to(torch.int32)
+    page_table = page_table.view(batch, max_pages)
+    seq_lens = torch.ones(batch, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, 32, dim, device=dev, dtype=dt, generator=gen)
+    locks = torch.zeros(batch * 8, dtype=torch.int32, device=dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    num_splits = decode_num_splits(batch, 8, max_pages * page_size, sms)
+
+    def step():
+        return paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size, dim**-0.5,
+                                      num_splits=num_splits, locks=locks)  # fmt: skip
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for trial in range(20):
+        lens = torch.randint(0, max_pages * page_size + 1, (batch,), generator=gen, device=dev)
+        lens[0] = [0, 1, max_pages * page_size, 577][trial % 4]
+        seq_lens.copy_(lens)
+        q.copy_(torch.randn(q.shape, device=dev, generator=gen))
+        graph.replay()
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, page_size, dim**-0.5)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert not locks.any()
 
 
 EXTEND_CASES = [

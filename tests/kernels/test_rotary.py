@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gyre.kernels.rotary import apply_rotary, apply_rotary_ref, rope_cos_sin_cache
+from gyre.kernels.attention import store_kv
+from gyre.kernels.rotary import (
+    apply_rotary,
+    apply_rotary_ref,
+    rope_cos_sin_cache,
+    rotary_store_kv,
+    rotary_store_kv_ref,
+)
 
 SCALINGS = [
     None,
@@ -95,3 +102,57 @@ def test_apply_rotary_matches_hf(case):
     apply_rotary(q, k, positions, cache)
     case.close(q, q_hf)
     case.close(k, k_hf)
+
+
+LLAMA3 = SCALINGS[-1]
+
+
+@pytest.mark.parametrize(
+    "num_tokens,heads,head_dim,partial,scaling",
+    [
+        (1, (32, 8), 32, 1.0, LLAMA3),  # Llama-3 heads, one decode token
+        (6, (8, 1), 64, 1.0, None),
+        (5, (4, 2), 64, 0.5, None),  # partial rotary: dims past rotary_dim pass through
+        (3, (2, 1), 96, 1.0, LLAMA3),
+    ],
+)
+def test_rotary_store_kv(case, num_tokens, heads, head_dim, partial, scaling):
+    num_q, num_kv = heads
+    gen = torch.Generator().manual_seed(num_tokens + head_dim)
+    cache = rope_cos_sin_cache(head_dim, 256, 500000.0, scaling, partial).to(case.device)
+    # q, k, v as views of a fused qkv projection output, as the model passes them
+    qkv = torch.randn(num_tokens, num_q + 2 * num_kv, head_dim, generator=gen).to(case.device, case.dtype)
+    q, k, v = qkv.split([num_q, num_kv, num_kv], dim=1)
+    positions = torch.randint(0, 256, (num_tokens,), generator=gen).to(case.device)
+    num_slots = 3 * num_tokens
+    slots = torch.randperm(num_slots, generator=gen)[:num_tokens]
+    slots[num_tokens // 2] = -1  # a padding token: not stored
+    slots = slots.to(case.device)
+    k_cache = torch.randn(num_slots, num_kv, head_dim, generator=gen).to(case.device, case.dtype)
+    v_cache = torch.randn(num_slots, num_kv, head_dim, generator=gen).to(case.device, case.dtype)
+    k_cache_ref, v_cache_ref, q_ref = k_cache.clone(), v_cache.clone(), q.clone()
+    k_before, v_before = k.clone(), v.clone()
+    rotary_store_kv_ref(q_ref, k, v, positions, cache, k_cache_ref, v_cache_ref, slots)
+    assert rotary_store_kv(q, k, v, positions, cache, k_cache, v_cache, slots).data_ptr() == q.data_ptr()
+    case.close(q, q_ref)
+    case.close(k_cache, k_cache_ref)
+    assert torch.equal(v_cache, v_cache_ref)
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)  # k, v are only read
+
+
+def test_rotary_store_kv_matches_unfused(case):
+    """The same cache and q bits as apply_rotary then store_kv (the path of non-fusing backends)."""
+    gen = torch.Generator().manual_seed(3)
+    cache = rope_cos_sin_cache(64, 128, 500000.0, LLAMA3).to(case.device)
+    qkv = torch.randn(4, 12, 64, generator=gen).to(case.device, case.dtype)
+    positions = torch.tensor([0, 5, 64, 127], device=case.device)
+    slots = torch.tensor([7, -1, 0, 3], device=case.device)
+    k_cache = torch.zeros(8, 2, 64, device=case.device, dtype=case.dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k_cache2, v_cache2, qkv2 = k_cache.clone(), v_cache.clone(), qkv.clone()
+    q, k, v = qkv.split([8, 2, 2], dim=1)
+    rotary_store_kv(q, k, v, positions, cache, k_cache, v_cache, slots)
+    q2, k2, v2 = qkv2.split([8, 2, 2], dim=1)
+    apply_rotary(q2, k2, positions, cache)
+    store_kv(k_cache2, v_cache2, k2, v2, slots)
+    assert torch.equal(q, q2) and torch.equal(k_cache, k_cache2) and torch.equal(v_cache, v_cache2)

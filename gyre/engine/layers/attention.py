@@ -34,11 +34,20 @@ class AttentionMetadata:
 
 
 class AttentionBackend:
+    # True: forward also takes rope=(positions [T] int64, cos_sin_cache) with q, k not yet rotated, and
+    # rotates them itself (e.g. fused with the KV store); False: the layer rotates q, k before forward
+    fuses_rotary = False
+
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Per-step work shared by all layers (index tensors, planner calls)."""
+
+    def prepare_graph(self, meta: AttentionMetadata) -> None:
+        """prepare() of a CUDA-graph decode step, run outside the graph before it is captured and before
+        each replay. meta holds the graph's static buffers for its whole bucket; seq_lens_cpu has the real
+        lengths, 0 on padding rows. Only state the captured kernels read from fixed addresses may change."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scale: float,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -101,7 +110,11 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scale = head_dim**-0.5
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
-        out = ctx.backend.forward(q, k, v, self.layer_id, self.scale, ctx.attn)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, rope=None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]. rope: None (q, k already rotated) or
+        (positions, cos_sin_cache) with q, k not yet rotated: only for a backend with fuses_rotary."""
+        if rope is None:
+            out = ctx.backend.forward(q, k, v, self.layer_id, self.scale, ctx.attn)
+        else:
+            out = ctx.backend.forward(q, k, v, self.layer_id, self.scale, ctx.attn, rope=rope)
         return out.reshape(q.shape[0], -1)

@@ -47,8 +47,10 @@ class SelfAttention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
-        if self.q_norm is not None:
+        if self.q_norm is not None:  # Qwen3: before rotary
             q, k = self.q_norm(q), self.k_norm(k)
+        if getattr(ctx.backend, "fuses_rotary", False):  # rotary fused with the KV store (Triton backend)
+            return self.o_proj(self.attn(q, k, v, ctx, rope=(positions, self.rotary.cos_sin_cache)))
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, ctx))
 
