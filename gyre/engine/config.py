@@ -48,9 +48,11 @@ class EngineConfig:
     eplb_interval: int = 0  # rebalance experts every N steps (0: only on engine.rebalance_experts())
 
     # speculative decoding
-    spec_method: str | None = None
-    spec_num_tokens: int = 4
-    spec_draft_path: str | None = None
+    spec_method: str | None = None  # None (off) | "ngram" | "draft" (a small LM) | "eagle" (gyre.engine.spec)
+    spec_num_tokens: int = 4  # draft tokens verified per step and request
+    spec_draft_path: str | None = None  # the draft LM or EAGLE head directory ("draft" / "eagle")
+    spec_on_weight_update: str = "disable"  # a model draft after new target weights: "disable" until
+    # Engine.load_draft gives a new one, or "keep" drafting with the old one (stale, knowingly)
 
     # weight updates
     weight_update_timeout_s: float = 60.0
@@ -74,8 +76,16 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
         if self.spec_method not in _SPEC_METHODS:
             raise ValueError(f"spec_method must be one of {_SPEC_METHODS}, got {self.spec_method!r}")
-        if self.spec_num_tokens < 1:
-            raise ValueError(f"spec_num_tokens must be >= 1, got {self.spec_num_tokens}")
+        if not isinstance(self.spec_num_tokens, int) or not 1 <= self.spec_num_tokens <= 16:
+            raise ValueError(f"spec_num_tokens must be an integer in [1, 16], got {self.spec_num_tokens!r}")
+        if self.spec_on_weight_update not in ("disable", "keep"):
+            raise ValueError(f"spec_on_weight_update must be disable | keep, got {self.spec_on_weight_update!r}")
+        if self.spec_method in ("draft", "eagle"):
+            if not self.spec_draft_path:
+                raise ValueError(f"spec_method={self.spec_method!r} needs spec_draft_path")
+            if self.tp_size * self.ep_size > 1:
+                raise ValueError(f"spec_method={self.spec_method!r} runs with tp_size = ep_size = 1 only "
+                                 "(use spec_method='ngram' with parallel engines)")
         if self.tp_size < 1 or self.ep_size < 1:
             raise ValueError(f"tp_size and ep_size must be >= 1, got {self.tp_size}, {self.ep_size}")
         if self.ep_dispatch not in ("allreduce", "alltoall"):

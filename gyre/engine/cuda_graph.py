@@ -1,9 +1,10 @@
 """CUDA graphs for decode steps, one per batch-size bucket, over static input buffers.
 
 A decode batch of size bs runs the graph of the smallest bucket >= bs; rows past bs are padding:
-slot -1 (their KV store is skipped), seq_len 0 (their attention is zeros), logits ignored. Graphs read
+slot -1 (their KV store is skipped), seq_len 0 (their attention is ignored), logits ignored. Graphs read
 the model's parameters by address: weight updates copy in place, so graphs stay valid; releasing the
-weights' memory invalidates them (they are captured again on resume).
+weights' memory invalidates them (they are captured again on resume). The attention backend's
+prepare_graph runs outside the graph before capture and before each replay (FlashInfer plans there).
 """
 
 from __future__ import annotations
@@ -31,24 +32,25 @@ class CudaGraphRunner:
         self.page_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # logits, hidden
         self.buckets = batch_buckets(max_bs)
         self.pool = None
         self.capture()
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, seq_lens_cpu: list[int] | None = None) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs], page_table=self.page_table[:bs], seq_lens=self.seq_lens[:bs],
-            cu_seqlens_q=self.cu_seqlens_q[: bs + 1], max_q_len=1, seq_lens_cpu=[1] * bs, q_lens_cpu=[1] * bs,
-            is_decode=True)
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1], max_q_len=1, seq_lens_cpu=seq_lens_cpu or [1] * bs,
+            q_lens_cpu=[1] * bs, is_decode=True)
 
     @torch.inference_mode()
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         from gyre.engine.model_runner import ForwardContext
 
-        ctx = ForwardContext(self.runner.backend, self._meta(bs), None)
+        bs = meta.batch_size
+        ctx = ForwardContext(self.runner.backend, meta, None)
         hidden = self.runner.model(self.input_ids[:bs], self.positions[:bs], ctx)
-        return self.runner.model.compute_logits(hidden)
+        return self.runner.model.compute_logits(hidden), hidden
 
     def capture(self) -> None:
         self.graphs.clear()
@@ -57,11 +59,13 @@ class CudaGraphRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
-                self._forward(bs)  # warm up (Triton autotune/compile) outside the capture
+                meta = self._meta(bs)
+                self.runner.backend.prepare_graph(meta)
+                self._forward(meta)  # warm up (Triton autotune/compile) outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    logits = self._forward(bs)
-                self.graphs[bs] = (graph, logits)
+                    logits, hidden = self._forward(meta)
+                self.graphs[bs] = (graph, logits, hidden)
         torch.cuda.current_stream().wait_stream(stream)
 
     def can_run(self, batch_size: int, max_pages: int) -> bool:
@@ -80,10 +84,15 @@ class CudaGraphRunner:
         if bucket > bs:
             self.slot_mapping[bs:bucket].fill_(-1)
             self.seq_lens[bs:bucket].fill_(0)
+        self.runner.backend.prepare_graph(self._meta(bucket, seq_lens.tolist() + [0] * (bucket - bs)))
 
     def replay(self, bs: int) -> torch.Tensor:
         """Run the graph of the smallest bucket >= bs over the loaded inputs -> logits [bs, V]."""
         bucket = next(b for b in self.buckets if b >= bs)
-        graph, logits = self.graphs[bucket]
+        graph, logits, _ = self.graphs[bucket]
         graph.replay()
         return logits[:bs]
+
+    def hidden(self, bs: int) -> torch.Tensor:
+        """Final hidden states [bs, H] of the last replay (valid until the next one)."""
+        return self.graphs[next(b for b in self.buckets if b >= bs)][2][:bs]

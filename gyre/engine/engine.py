@@ -67,6 +67,16 @@ class Engine:
         self._check_stop = self.tokens.check_stop_fn(self.runner.max_model_len)
         self.grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.tokens.eos_ids)
         self.scheduler.max_model_len = self.runner.max_model_len
+        self.spec = None  # speculative decoding (gyre.engine.spec): runs the loop synchronously
+        if self.config.spec_method is not None:
+            from gyre.engine.spec.verify import SpecDecoder, make_drafter
+
+            try:
+                self.spec = SpecDecoder(self, make_drafter(self))
+            except BaseException:
+                self.runner.shutdown()
+                raise
+            self.scheduler.draft_len = self.spec.draft_len
         self._thread = threading.Thread(target=self._loop, name="gyre-engine", daemon=True)
         self._thread.start()
 
@@ -276,6 +286,20 @@ class Engine:
         """Loop thread: new weights are in place; nothing computed under older ones is reused."""
         self._weight_version = version
         self.scheduler.set_version(version)
+        if self.spec is not None:
+            self.spec.on_weights_updated(version)
+
+    def load_draft(self, source: str | os.PathLike | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """New weights for the speculative draft (spec_method "draft" or "eagle"): a directory or named
+        tensors. Validated before anything changes (a bad draft keeps the old one); re-enables drafting
+        after a target weight update disabled it."""
+        if self.spec is None:
+            raise ValueError("load_draft needs an engine with spec_method set")
+        if isinstance(source, (str, os.PathLike)):
+            source = str(source)
+        else:
+            source = list(source)
+        self.call(lambda: self.spec.load(source, self._weight_version))
 
     def check_integrity(self) -> None:
         """Loop thread: page accounting is exact (free + cached + owned by requests = all pages)."""
@@ -312,6 +336,7 @@ class Engine:
             "paused": self._paused,
             "uptime_s": time.monotonic() - self._started,
             **(self.runner.experts.stats() if self.runner.experts is not None else {}),  # MoE: expert load
+            **(self.spec.stats() if self.spec is not None else {}),  # speculative decoding: acceptance
         }
 
     def shutdown(self) -> None:
@@ -398,6 +423,9 @@ class Engine:
                 self._sync()
                 continue
             self._expire_sessions()
+            if self.spec is not None:
+                self._spec_step()
+                continue
             overlap = self.config.overlap_schedule and self._inflight is not None
             try:
                 batch = self.scheduler.schedule(overlap=overlap)
@@ -432,6 +460,33 @@ class Engine:
                 self.scheduler.add(msg[1])
         for req in list(self._requests.values()):  # shutdown: nothing accepted is lost silently
             self.scheduler.finish(req, "abort", "engine shut down")
+
+    def _spec_step(self) -> None:
+        """One synchronous step with speculative decoding: schedule, draft, verify the drafts in one target
+        forward (with the prefills of the step), accept, let the drafter see the result."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            self._idle_checks()
+            return
+        t0 = time.perf_counter()
+        try:
+            self.spec.attach(batch)
+            masks = self.spec.masks(batch, pin=self.runner.device.type == "cuda")
+            handle = self.runner.launch(batch, None, masks)
+            out = handle.wait()
+        except Exception as e:  # a failed step ends its requests, never the engine
+            self._fail(batch, e)
+            return
+        self.scheduler.advance(batch)
+        self._step_count += 1
+        if handle.experts:
+            self._record_experts(batch, handle.starts, handle.experts)
+        rows = self.spec.split(batch, out)
+        before = sum(len(r.output_ids) for r in batch.reqs)
+        accepted = self.scheduler.resolve_spec(batch, rows, self._check_stop)
+        self._tokens_generated += sum(len(r.output_ids) for r in batch.reqs) - before
+        hidden = self.runner.last_hidden if self.spec.needs_hidden else None
+        self.spec.after_step(batch, handle.starts, accepted, hidden, time.perf_counter() - t0)
 
     def _grammar_masks(self, batch) -> Callable[[], torch.Tensor] | None:
         """For a step that samples constrained requests: the bitmask, made once its forward is queued.

@@ -92,6 +92,7 @@ class ModelRunner:
             self.backend = make_backend(backend, self.pool)
         self.sampler = Sampler(self.device)
         self.graphs = None
+        self.last_hidden: torch.Tensor | None = None  # [T, H] final hidden states of the last forward
         if self.device.type == "cuda" and config.cuda_graph:
             self.init_cuda_graphs()
 
@@ -136,6 +137,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - self.config.mem_fraction) * total
             per_page = KVPool.bytes_per_page(ps, layers, kv_heads, head_dim, self.dtype)
+            if self.config.spec_method in ("draft", "eagle"):  # the drafter's pool mirrors every page
+                from gyre.engine.spec.draft_runner import draft_kv_bytes_per_page
+
+                per_page += draft_kv_bytes_per_page(self.config, self.hf_config, self.dtype)
             num_tokens = max(int(budget // per_page), 2) * ps
         else:
             num_tokens = 65536
@@ -161,8 +166,24 @@ class ModelRunner:
         slots: list[int] = []
         fill_rows, fill_src = [], []
         seq_lens, q_lens, cu, logit_rows = [], [], [0], []
-        for req, n, samples in zip(batch.reqs, batch.num_new, batch.sampling):
+        tables: list[list[int]] = []  # page table of each sequence row
+        for req, n, samples, drafts in zip(batch.reqs, batch.num_new, batch.sampling, batch.drafts):
             start = req.num_computed
+            if drafts:  # a verify: the last token and the drafts as 1 + m decode rows over the same pages,
+                # row j attends to positions <= start + j (its KV is stored by the same layer first)
+                assert not req.num_pending and n == 1 + len(drafts), "drafts need a resolved request"
+                for j, tok in enumerate(req.token_range(start, start + 1) + drafts):
+                    p = start + j
+                    ids.append(tok)
+                    positions.append(p)
+                    slots.append(req.page_table[p // ps] * ps + p % ps)
+                    seq_lens.append(p + 1)
+                    q_lens.append(1)
+                    cu.append(cu[-1] + 1)
+                    logit_rows.append(cu[-1] - 1)
+                    tables.append(req.page_table)
+                continue
+            tables.append(req.page_table)
             if req.num_pending:  # its last token is pending: the device fills it in
                 fill_rows.append(len(ids) + n - 1)
                 fill_src.append(req.pending_index)
@@ -178,8 +199,7 @@ class ModelRunner:
                 logit_rows.append(cu[-1] - 1)
         num_pages = [(n + ps - 1) // ps for n in seq_lens]
         width = max(num_pages)
-        table = torch.tensor([r.page_table[:n] + [0] * (width - n) for r, n in zip(batch.reqs, num_pages)],
-                             dtype=torch.int32)
+        table = torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(tables, num_pages)], dtype=torch.int32)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.int64),
             "positions": torch.tensor(positions, dtype=torch.int64),
@@ -216,7 +236,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, capture_experts: bool = False,
                 prev: StepHandle | None = None) -> tuple[torch.Tensor, Any]:
-        """Runs the model; returns (logits [N, V] of the sampling rows, routed experts or None)."""
+        """Runs the model; returns (logits [N, V] of the sampling rows, routed experts or None). The
+        final hidden states of all rows [T, H] are kept in self.last_hidden until the next forward."""
         h = self.prepare(batch)
         if self.workers is None:
             return self.forward_prepared(h, capture_experts, prev)
@@ -235,7 +256,9 @@ class ModelRunner:
                 and graphs.can_run(bs, h["page_table"].shape[1])):
             graphs.load_inputs(h["input_ids"], h["positions"], h["slot_mapping"], h["page_table"], h["seq_lens"])
             self._fill_pending(graphs.input_ids[:bs], h, prev)
-            return graphs.replay(bs), None
+            logits = graphs.replay(bs)
+            self.last_hidden = graphs.hidden(bs)
+            return logits, None
         meta = AttentionMetadata(
             slot_mapping=self._to_device(h["slot_mapping"]),
             page_table=self._to_device(h["page_table"]),
@@ -251,6 +274,7 @@ class ModelRunner:
         input_ids = self._to_device(h["input_ids"])
         self._fill_pending(input_ids, h, prev)
         hidden = self.model(input_ids, self._to_device(h["positions"]), ctx)
+        self.last_hidden = hidden
         rows = self._to_device(torch.tensor(h["logit_rows"], dtype=torch.int64))
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         return logits, ctx.routed_experts
@@ -268,8 +292,12 @@ class ModelRunner:
         logits, experts = self.forward(batch, capture_experts=capture, prev=prev)
         if callable(masks):
             masks = masks()
-        sampling_reqs: list[Request] = [r for r, s in zip(batch.reqs, batch.sampling) if s]
-        sample = self.sampler.sample(logits, sampling_reqs, masks) if sampling_reqs else None
+        sampling_reqs: list[Request] = []
+        offsets: list[int] = []  # a verify's row j samples the request's token num_generated + j
+        for req, rows in zip(batch.reqs, batch.num_rows):
+            sampling_reqs.extend([req] * rows)
+            offsets.extend(range(rows))
+        sample = self.sampler.sample(logits, sampling_reqs, masks, offsets) if sampling_reqs else None
         if self.workers is not None and sample is not None:
             self.workers.share_tokens(sample.tokens)  # the workers' next step may read them
         return StepHandle(batch, sample, experts, starts)

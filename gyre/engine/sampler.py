@@ -38,15 +38,20 @@ class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    def sample(self, logits: torch.Tensor, reqs: list[Request], masks: torch.Tensor | None = None) -> DeviceSample:
-        """logits [B, V] float32, one row per request; masks [B, V] bool (True = allowed), a grammar
-        bitmask [B, ceil(V / 32)] int32, or None. Launches everything asynchronously; nothing waits."""
+    def sample(self, logits: torch.Tensor, reqs: list[Request], masks: torch.Tensor | None = None,
+               offsets: list[int] | None = None) -> DeviceSample:
+        """logits [B, V] float32, one row per request (a verifying request has several rows: row j samples
+        its token num_generated + offsets[j], with that token's noise, as plain decoding would); masks
+        [B, V] bool (True = allowed), a grammar bitmask [B, ceil(V / 32)] int32, or None. Launches
+        everything asynchronously; nothing waits."""
         if masks is not None:
             logits = apply_token_mask(logits, masks)
         sp = [r.sampling for r in reqs]
         dev = logits.device
         floats = torch.tensor([[s.temperature, s.top_p, s.min_p] for s in sp], dtype=torch.float32)
-        ints = torch.tensor([[s.top_k, r.seed, r.num_generated] for s, r in zip(sp, reqs)], dtype=torch.int64)
+        offsets = offsets or [0] * len(reqs)
+        ints = torch.tensor([[s.top_k, r.seed, r.num_generated + o] for s, r, o in zip(sp, reqs, offsets)],
+                            dtype=torch.int64)
         if dev.type == "cuda":
             floats, ints = floats.pin_memory().to(dev, non_blocking=True), ints.pin_memory().to(dev, non_blocking=True)
         temperature, top_p, min_p = floats.unbind(1)

@@ -31,10 +31,23 @@ class ScheduledBatch:
     reqs: list[Request]
     num_new: list[int]  # tokens of each request computed this step
     sampling: list[bool] = None  # which requests sample a token this step (set by schedule())
+    # speculative decoding: draft tokens a decoding request may verify this step (pages are reserved),
+    # then the drafts attached (num_new becomes 1 + len(drafts[i]): its last token and the drafts)
+    draft_budget: list[int] = None
+    drafts: list[list[int]] = None
 
     def __post_init__(self) -> None:
         if self.sampling is None:
             self.sampling = [r.num_computed + n == r.num_tokens for r, n in zip(self.reqs, self.num_new)]
+        if self.draft_budget is None:
+            self.draft_budget = [0] * len(self.reqs)
+        if self.drafts is None:
+            self.drafts = [[] for _ in self.reqs]
+
+    @property
+    def num_rows(self) -> list[int]:
+        """Sampled rows of each request: 0, 1, or 1 + its drafts when it verifies."""
+        return [(1 + len(d)) if s else 0 for s, d in zip(self.sampling, self.drafts)]
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +62,7 @@ class Scheduler:
         self.cache = cache
         self.on_finish = on_finish
         self.reclaim = reclaim  # releases locks held by idle sessions; True if it freed anything
+        self.draft_len: Callable[[Request], int] | None = None  # speculative decoding: drafts to reserve for
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.version = 0
@@ -72,6 +86,7 @@ class Scheduler:
         budget = self.config.max_batch_tokens
         reqs: list[Request] = []
         num_new: list[int] = []
+        draft_budget: list[int] = []
         # 1) decodes, oldest first; pages for them may come from evicting the cache or retracting the newest
         for req in sorted(self.running, key=lambda r: r.arrival):
             if req.status != Status.RUNNING or req.num_uncomputed != 1 or budget == 0:
@@ -83,6 +98,11 @@ class Scheduler:
             reqs.append(req)
             num_new.append(1)
             budget -= 1
+            extra = min(self.draft_len(req), budget) if self.draft_len is not None else 0
+            if extra > 0 and not self._reserve_free(req, req.num_tokens + extra):
+                extra = 0  # drafts only use free memory: they never retract anyone
+            draft_budget.append(extra)
+            budget -= extra
         # 2) chunked prefills already running, then admissions
         for req in sorted(self.running, key=lambda r: r.arrival):
             if budget == 0:
@@ -91,6 +111,7 @@ class Scheduler:
                 chunk = min(req.num_uncomputed, budget)
                 reqs.append(req)
                 num_new.append(chunk)
+                draft_budget.append(0)
                 budget -= chunk
         in_prefill = [r for r in self.running if r.num_uncomputed > 1 or r.cache_on_resolve]
         deferred: list[Request] = []
@@ -108,27 +129,28 @@ class Scheduler:
             chunk = min(req.num_uncomputed, budget)
             reqs.append(req)
             num_new.append(chunk)
+            draft_budget.append(0)
             budget -= chunk
             in_prefill.append(req)
         self.waiting.extendleft(reversed(deferred))
         if not reqs:
             return None
-        return ScheduledBatch(reqs, num_new)
+        return ScheduledBatch(reqs, num_new, draft_budget=draft_budget)
 
     def advance(self, batch: ScheduledBatch) -> None:
         """The step was launched: count its tokens as computed; sampled tokens become pending."""
         row = 0
-        for req, n, samples in zip(batch.reqs, batch.num_new, batch.sampling):
+        for req, n, rows in zip(batch.reqs, batch.num_new, batch.num_rows):
             if req.status != Status.RUNNING:  # finished by the previous step, resolved during the launch
-                row += samples
+                row += rows
                 continue
             req.num_computed += n
             if not req.is_decoding:
                 self.num_prefill_tokens += n
-            if samples:
+            if rows:
                 req.num_pending += 1
-                req.pending_index = row  # row of its token in the step's sampled tokens
-                row += 1
+                req.pending_index = row  # row of its (first) token in the step's sampled tokens
+                row += rows
                 if not req.is_decoding:
                     req.is_decoding = True
                     req.cache_on_resolve = True  # siblings sharing this prompt can match it then
@@ -163,6 +185,54 @@ class Scheduler:
                 self.finish(req, reason)
             elif req.on_token is not None:
                 req.on_token(req)
+
+    def resolve_spec(self, batch: ScheduledBatch, rows: list[tuple[list[int], list[float], list]],
+                     check_stop: Callable[[Request], str | None]) -> list[int]:
+        """A synchronous step that may verify drafts: rows[i] = (tokens, logprobs, tops) sampled for request
+        i (empty when it sampled nothing; 1 + len(drafts[i]) when it verified). The drafts equal to the
+        target's own samples are accepted, then the target's sample at the first mismatch: 1 + accepted
+        tokens are appended (fewer at a stop). Rejected positions' KV is rolled back (num_computed).
+        Returns the accepted draft count of each request."""
+        accepted_counts = []
+        for req, drafts, (tokens, logprobs, tops) in zip(batch.reqs, batch.drafts, rows):
+            a = 0
+            while a < len(drafts) and drafts[a] == tokens[a]:
+                a += 1
+            accepted_counts.append(a)
+            if not tokens or req.status != Status.RUNNING:
+                continue
+            req.num_pending -= 1
+            req.num_computed -= len(drafts) - a  # rejected drafts: their slots are overwritten later
+            for j in range(a + 1):
+                if not self._append(req, tokens[j], logprobs[j], tops[j] if tops else None, check_stop):
+                    break
+        return accepted_counts
+
+    def _append(self, req: Request, tok: int, lp: float, top: dict | None,
+                check_stop: Callable[[Request], str | None]) -> bool:
+        """One sampled token of a running request; False if the request finished."""
+        req.output_ids.append(tok)
+        if req.cache_on_resolve:
+            req.cache_on_resolve = False
+            self._cache_prefix(req)
+        req.output_logprobs.append(lp)
+        if req.sampling.top_logprobs:
+            req.top_logprobs.append(top or {})
+        req.output_versions.append(self.version)
+        if req.grammar is not None:
+            if not req.grammar.accept(tok):
+                self.finish(req, "abort", f"token {tok} violates the request's grammar")
+                return False
+            reason = "stop" if req.grammar.is_terminated else check_stop(req)
+        else:
+            reason = check_stop(req)
+        if reason is not None:
+            req.num_computed = min(req.num_computed, req.num_tokens - 1)  # the rest of a verify is dropped
+            self.finish(req, reason)
+            return False
+        if req.on_token is not None:
+            req.on_token(req)
+        return True
 
     def finish(self, req: Request, reason: str, abort_reason: str | None = None) -> None:
         """End a request (any state) with its partial output; frees what it owns."""
@@ -231,6 +301,21 @@ class Scheduler:
             self.retract(victim)
             if victim is req:
                 return False
+        return True
+
+    def _reserve_free(self, req: Request, num_tokens: int) -> bool:
+        """Pages for req's first num_tokens tokens from free memory or the cache only (no retraction)."""
+        need = self.pool.pages_needed(num_tokens) - len(req.page_table)
+        if need <= 0:
+            return True
+        pages = self.pool.alloc(need)
+        if pages is None and self.cache is not None:
+            self.cache.evict(need - self.pool.num_free_pages)
+            pages = self.pool.alloc(need)
+        if pages is None:
+            return False
+        req.page_table.extend(pages)
+        req.owned_pages.update(pages)
         return True
 
     def _shares_pending_prefix(self, req: Request, in_prefill: list[Request]) -> bool:

@@ -227,6 +227,8 @@ class WeightUpdater:
             if eng.cache is not None:
                 eng.cache.flush()
             eng.runner.pool.release()
+            if eng.spec is not None:
+                eng.spec.drafter.on_memory_released()
             self.memory_released.add("kv_cache")
         if "weights" in tags and "weights" not in self.memory_released:
             on_device = eng.runner.device.type != "cpu"
@@ -269,6 +271,8 @@ class WeightUpdater:
             self.memory_released.discard("weights")
         if "kv_cache" in tags and "kv_cache" in self.memory_released:
             eng.runner.pool.restore()
+            if eng.spec is not None:
+                eng.spec.drafter.on_memory_resumed()
             self.memory_released.discard("kv_cache")
         if eng.runner.workers is not None:  # tp/ep > 1: all ranks together (CUDA graphs hold collectives)
             eng.runner.workers.memory(

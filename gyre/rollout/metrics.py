@@ -54,6 +54,9 @@ def batch_metrics(
             m[f"reward/{a}"] = statistics.fmean(s.reward for s in samples if s.agent == a)
     if pool_stats:
         m["cache_hit_rate"] = float(pool_stats.get("cache_hit_rate", 0.0))
+        for k in ("spec_acceptance_rate", "spec_mean_accept_len"):  # speculative decoding, cumulative
+            if k in pool_stats:
+                m[f"spec/{k[5:]}"] = float(pool_stats[k])
     for k, v in (counters or {}).items():
         m[k] = float(v)
     return m

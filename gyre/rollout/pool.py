@@ -284,11 +284,17 @@ def merge_stats(per_engine: list[dict[str, Any]]) -> dict[str, float]:
         "num_cached_prompt_tokens",
         "num_running",
         "num_waiting",
+        "spec_num_verifies",
+        "spec_num_draft_tokens",
+        "spec_num_accepted_tokens",
     )
     out = {k: float(sum(s.get(k, 0) for s in per_engine)) for k in keys}
     out["cache_hit_rate"] = (
         out["num_cached_prompt_tokens"] / out["num_prompt_tokens"] if out["num_prompt_tokens"] else 0.0
     )
+    if out["spec_num_verifies"]:  # speculative decoding, since the engines started
+        out["spec_acceptance_rate"] = out["spec_num_accepted_tokens"] / out["spec_num_draft_tokens"]
+        out["spec_mean_accept_len"] = 1.0 + out["spec_num_accepted_tokens"] / out["spec_num_verifies"]
     out["num_engines"] = float(len(per_engine))
     return out
 

@@ -594,7 +594,8 @@ def test_body_limits_and_host_header(server, engine):
 
 # -- admin --------------------------------------------------------------------------------------------
 def test_admin_needs_the_key(server, engine):
-    for path in ("pause", "resume", "flush_cache", "abort", "update_weights_from_disk", "release_memory"):
+    for path in ("pause", "resume", "flush_cache", "abort", "update_weights_from_disk", "release_memory",
+                 "load_draft"):
         assert server.admin(path, key=None).status_code == 401
         assert server.admin(path, key="wrong-key-123456").status_code == 401
     assert server.admin("pause", key=None, content=b"{not json").status_code == 401  # before the body
@@ -634,6 +635,8 @@ def test_admin_disk_update_roots_and_symlinks(server, model_path, roots, tmp_pat
     assert out["completions"][0]["output_weight_versions"] == [before + 1] * 2
     r = server.admin("update_weights_from_disk", json={"path": str(inside), "version": 100})
     assert r.json()["weight_version"] == 100
+    r = server.admin("load_draft", json={"path": str(inside)})  # this engine has no drafter
+    assert r.status_code == 400 and "spec_method" in r.json()["error"]["message"]
 
 
 def test_admin_control(server, client):

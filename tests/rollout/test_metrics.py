@@ -18,11 +18,11 @@ class ListLogger:
         self.logged.append((step, dict(metrics)))
 
 
-def _run(qwen3_dir, logger):
+def _run(qwen3_dir, logger, **engine_kwargs):
     tasks = [{"prompt": "Alice has 5 apples and eats 2. How many are left? " * 2, "answer": "#### 3"}] * 4
     cfg = RolloutConfig(batch_size=2, n_samples_per_prompt=2, sampling=SamplingParams(max_new_tokens=6))
     with (
-        Engine(qwen3_dir, page_size=4) as engine,
+        Engine(qwen3_dir, page_size=4, **engine_kwargs) as engine,
         RolloutManager(LocalPool(engine), lambda: SingleTurnEnv(math_reward), tasks, cfg, logger=logger) as m,
     ):
         b1 = m.get_batch(timeout=60)
@@ -58,6 +58,11 @@ def test_batch_metrics_dict(qwen3_dir):
         s.num_generated for s in b2.samples
     )
     assert b1.metrics["cache_hit_rate"] > 0  # four samples share one long prompt
+
+
+def test_spec_metrics(qwen3_dir):
+    b1, _ = _run(qwen3_dir, ListLogger(), spec_method="ngram")
+    assert b1.metrics["spec/mean_accept_len"] >= 1.0 and 0.0 <= b1.metrics["spec/acceptance_rate"] <= 1.0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb")

@@ -84,6 +84,21 @@ async def update_weights_from_disk(body: DiskUpdateRequest, request: Request) ->
     return {"weight_version": version}
 
 
+@router.post("/load_draft")
+async def load_draft(body: DiskUpdateRequest, request: Request) -> dict[str, Any]:
+    """New speculative-decoding draft weights (EAGLE head or draft LM directory) under the allowed roots."""
+    st = get_state(request)
+    engine = st.require_engine()
+    if getattr(engine, "spec", None) is None:
+        raise ApiError(400, "this engine runs without speculative decoding (spec_method)", param="path")
+    path = weight_dir(st, body.path)
+    try:
+        await blocking(st, lambda: engine.load_draft(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise ApiError(400, str(e), param="path") from None
+    return {"spec": {k: v for k, v in engine.stats().items() if k.startswith("spec_")}}
+
+
 @router.post("/init_weight_group")
 async def init_weight_group(body: GroupInitRequest, request: Request) -> dict[str, Any]:
     st = get_state(request)

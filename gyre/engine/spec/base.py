@@ -62,3 +62,9 @@ class Drafter:
 
     def stats(self) -> dict:
         return {}
+
+    def on_memory_released(self) -> None:
+        """Engine.release_memory(kv_cache): drop device buffers that mirror the target's KV."""
+
+    def on_memory_resumed(self) -> None:
+        """Engine.resume_memory(kv_cache): allocate them again (their contents are not needed)."""
