@@ -18,7 +18,9 @@ for part in "$@"; do
   echo "== $part  $(date +%T)"
   case $part in
     tests) timeout 400 python3 -m pytest -q -x -m gpu tests/kernels tests/engine/test_gpu.py tests/weight_sync/test_gpu.py \
-             tests/engine/test_spec_drafters.py -p no:cacheprovider 2>&1 | tail -15 ;;
+             -p no:cacheprovider 2>&1 | tail -15 ;;
+    spec-tests) timeout 300 python3 -m pytest -q -x -m gpu tests/engine/test_spec_drafters.py tests/engine/test_spec.py \
+                  -p no:cacheprovider 2>&1 | tail -15 ;;
     kernels) timeout 120 python3 benchmarks/attention_kernels.py 2>&1 | tail -3 ;;
     throughput) timeout 560 python3 benchmarks/throughput.py --shape llama3-8b 2>&1 | grep -v Warning | tail -4 ;;
     throughput-nohf) timeout 300 python3 benchmarks/throughput.py --shape llama3-8b --skip-hf 2>&1 | grep -v Warning | tail -4 ;;
