@@ -77,6 +77,7 @@ class Engine:
                 self.runner.shutdown()
                 raise
             self.scheduler.draft_len = self.spec.draft_len
+            self.runner.keep_hidden = self.spec.needs_hidden
         self._thread = threading.Thread(target=self._loop, name="gyre-engine", daemon=True)
         self._thread.start()
 

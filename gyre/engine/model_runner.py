@@ -92,7 +92,8 @@ class ModelRunner:
             self.backend = make_backend(backend, self.pool)
         self.sampler = Sampler(self.device)
         self.graphs = None
-        self.last_hidden: torch.Tensor | None = None  # [T, H] final hidden states of the last forward
+        self.keep_hidden = False  # keep the last forward's final hidden states (a drafter reads them)
+        self.last_hidden: torch.Tensor | None = None  # [T, H], when keep_hidden
         if self.device.type == "cuda" and config.cuda_graph:
             self.init_cuda_graphs()
 
@@ -148,6 +149,7 @@ class ModelRunner:
         return KVPool(num_tokens // ps + 1, ps, layers, kv_heads, head_dim, self.dtype, self.device)
 
     def on_memory_released(self) -> None:
+        self.last_hidden = None
         if self.device.type == "cuda":
             self.graphs = None  # they point at the released buffers
             torch.cuda.empty_cache()
@@ -236,8 +238,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, capture_experts: bool = False,
                 prev: StepHandle | None = None) -> tuple[torch.Tensor, Any]:
-        """Runs the model; returns (logits [N, V] of the sampling rows, routed experts or None). The
-        final hidden states of all rows [T, H] are kept in self.last_hidden until the next forward."""
+        """Runs the model; returns (logits [N, V] of the sampling rows, routed experts or None). With
+        keep_hidden, the final hidden states of all rows [T, H] stay in last_hidden until the next one."""
         h = self.prepare(batch)
         if self.workers is None:
             return self.forward_prepared(h, capture_experts, prev)
@@ -257,7 +259,7 @@ class ModelRunner:
             graphs.load_inputs(h["input_ids"], h["positions"], h["slot_mapping"], h["page_table"], h["seq_lens"])
             self._fill_pending(graphs.input_ids[:bs], h, prev)
             logits = graphs.replay(bs)
-            self.last_hidden = graphs.hidden(bs)
+            self.last_hidden = graphs.hidden(bs) if self.keep_hidden else None
             return logits, None
         meta = AttentionMetadata(
             slot_mapping=self._to_device(h["slot_mapping"]),
@@ -274,7 +276,7 @@ class ModelRunner:
         input_ids = self._to_device(h["input_ids"])
         self._fill_pending(input_ids, h, prev)
         hidden = self.model(input_ids, self._to_device(h["positions"]), ctx)
-        self.last_hidden = hidden
+        self.last_hidden = hidden if self.keep_hidden else None
         rows = self._to_device(torch.tensor(h["logit_rows"], dtype=torch.int64))
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         return logits, ctx.routed_experts
