@@ -46,6 +46,9 @@ def device_name() -> str:
 
 
 def commit() -> str:
+    """GYRE_COMMIT when set (the device machine's copy of the tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("GYRE_COMMIT"):
+        return os.environ["GYRE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
