@@ -1,4 +1,4 @@
-"""gyre command line: generate (JSONL in, JSONL out) | serve | train | bench."""
+"""gyre command line: generate (JSONL in, JSONL out) | serve | train | train-draft | bench."""
 
 from __future__ import annotations
 
@@ -123,6 +123,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    """Train an EAGLE draft head for --model (gyre.engine.spec.train) and print the result as a JSON line."""
+    import logging
+
+    from gyre.engine.spec.train import train_eagle
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        result = train_eagle(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size,
+                             seq_len=args.seq_len, lr=args.lr, device=args.device, dtype=args.dtype,
+                             init_from=args.init_from, log_every=args.log_every, seed=args.seed)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({**result, "out": args.out}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Offline throughput of this engine on random prompts (benchmarks/ has the full GPU harness)."""
     import time
@@ -176,6 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.lr=1e-5")
     tr.add_argument("--resume", action="store_true", help="continue from runs/<name>/checkpoint.pt")
     tr.set_defaults(fn=cmd_train)
+
+    draft = sub.add_parser("train-draft", help="train an EAGLE draft head for a target model (JSON line)")
+    draft.add_argument("--model", required=True, help="the target: an HF model directory")
+    draft.add_argument("--data", required=True,
+                       help=".txt (documents separated by blank lines) or .jsonl (token_ids | prompt_ids + "
+                            "output_ids | text | question + answer per row)")
+    draft.add_argument("--out", required=True, help="the head's directory (config.json + model.safetensors)")
+    draft.add_argument("--steps", type=int, default=1000)
+    draft.add_argument("--batch-size", type=int, default=8)
+    draft.add_argument("--seq-len", type=int, default=512)
+    draft.add_argument("--lr", type=float, default=1e-3)
+    draft.add_argument("--init-from", default=None, help="warm-start from this head directory")
+    draft.add_argument("--device", default="auto")
+    draft.add_argument("--dtype", default="auto", help="auto: bfloat16 autocast on CUDA, float32 on the CPU")
+    draft.add_argument("--log-every", type=int, default=50)
+    draft.add_argument("--seed", type=int, default=0)
+    draft.set_defaults(fn=cmd_train_draft)
 
     bench = sub.add_parser("bench", help="offline throughput on random prompts (JSON line)")
     _engine_args(bench)

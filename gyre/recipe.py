@@ -86,6 +86,60 @@ class WeightSyncSection:
 
 
 @dataclass
+class SpecSection:
+    """Speculative decoding of the rollouts. method, num_tokens, draft_path and on_weight_update become the
+    engine's spec_* fields. refresh_every > 0 (method eagle) keeps the EAGLE head on-policy: every that many
+    steps it is retrained on the last steps' rollouts against the current policy (gyre.engine.spec.train),
+    warm-started from the head in use, and loaded into the engine (gyre.trainers.run.DraftRefresher)."""
+
+    method: str | None = None  # "ngram" | "draft" | "eagle"; null: no speculative decoding
+    num_tokens: int = 4  # draft tokens per verify step
+    draft_path: str | None = None  # draft model / EAGLE head dir; eagle + null: trained at the run's start
+    refresh_every: int = 0  # training steps between head refreshes; 0: never
+    refresh_steps: int = 100  # optimizer steps of each refresh
+    on_weight_update: str | None = None  # "disable" | "keep" the drafter after a weight push; null: engine's
+
+    def __post_init__(self) -> None:
+        if self.method not in (None, "ngram", "draft", "eagle"):
+            raise ValueError(f"spec.method must be ngram | draft | eagle, got {self.method!r}")
+        if self.num_tokens < 1 or self.refresh_steps < 1:
+            raise ValueError("spec.num_tokens and spec.refresh_steps must be >= 1")
+        if self.refresh_every < 0:
+            raise ValueError(f"spec.refresh_every must be >= 0 (0: never), got {self.refresh_every}")
+        if self.refresh_every and self.method != "eagle":
+            raise ValueError("spec.refresh_every needs spec.method eagle (only an EAGLE head is retrained)")
+        if self.method == "draft" and not self.draft_path:
+            raise ValueError("spec.method draft needs spec.draft_path (a draft model directory)")
+        if self.method == "eagle" and not self.draft_path and not self.refresh_every:
+            raise ValueError("spec.method eagle needs spec.draft_path (a head from `gyre train-draft`), or "
+                             "spec.refresh_every > 0 to train one during the run")
+        if self.method is None and self.draft_path:
+            raise ValueError("spec.draft_path needs spec.method")
+        if self.on_weight_update not in (None, "disable", "keep"):
+            raise ValueError(f"spec.on_weight_update must be disable | keep, got {self.on_weight_update!r}")
+
+    @property
+    def refreshes(self) -> bool:
+        return self.method == "eagle" and self.refresh_every > 0
+
+    def engine_fields(self, draft_path: str | None) -> dict[str, Any]:
+        """EngineConfig fields of this section, with the draft directory to start from."""
+        if self.method is None:
+            return {}
+        out = {"spec_method": self.method, "spec_num_tokens": self.num_tokens, "spec_draft_path": draft_path}
+        if self.on_weight_update is not None:
+            import dataclasses
+            import logging
+
+            if "spec_on_weight_update" in {f.name for f in dataclasses.fields(EngineConfig)}:
+                out["spec_on_weight_update"] = self.on_weight_update
+            else:  # TODO(lead): drop once EngineConfig has spec_on_weight_update
+                logging.getLogger("gyre.train").warning("spec.on_weight_update ignored: the engine has no "
+                                                        "spec_on_weight_update field yet")
+        return out
+
+
+@dataclass
 class LoggingSection:
     run_dir: str = "runs"
     name: str = "run"
@@ -104,6 +158,7 @@ class Recipe:
     warmup: WarmupSection = field(default_factory=WarmupSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     weight_sync: WeightSyncSection = field(default_factory=WeightSyncSection)
+    spec: SpecSection = field(default_factory=SpecSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:
@@ -113,6 +168,10 @@ class Recipe:
         for key in self.engine:
             if key not in known:
                 raise RecipeError(f"unknown key 'engine.{key}'")
+        both = sorted(k for k in self.engine if k.startswith("spec_")) if self.spec.method is not None else []
+        if both:
+            raise RecipeError(f"speculative decoding is set in spec: and in engine.{both[0]}: "
+                              "give it in spec: only")
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:

@@ -1,7 +1,8 @@
 """The reference GRPO trainer behind `gyre train`. It reads like the recipe it runs:
 
-    model dir -> engine -> trainer policy (HF) -> [warm-up] -> rollout manager
-    each step: batch of scored groups -> GRPO update -> push weights (version += 1) -> log -> checkpoint
+    model dir -> [first EAGLE head] -> engine -> trainer policy (HF) -> [warm-up] -> rollout manager
+    each step: batch of scored groups -> GRPO update -> push weights (version += 1) -> [refresh the EAGLE
+    head on the last rollouts, every spec.refresh_every steps] -> log -> checkpoint
 
 One process on one device, plain torch; or, under torch.distributed with world_size > 1 (torchrun, or
 WORLD_SIZE in the env), FSDP2 data parallel:
@@ -37,6 +38,7 @@ from gyre.trainers.adapters.hf import HFAdapter
 from gyre.trainers.grpo_loss import policy_loss, token_logprobs
 from gyre.trainers.hook import WeightSyncHook
 from gyre.trainers.run import (
+    DraftRefresher,
     RunDir,
     broadcast_object,
     init_distributed,
@@ -60,16 +62,23 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None) -
     is_main, dp = rank == 0, world_size > 1
     if dp and cfg.forward == "gyre":
         raise ValueError("trainer.forward=gyre trains on one process: run it without torch.distributed")
+    if dp and recipe.spec.refreshes:
+        raise ValueError("spec.refresh_every retrains the draft head on one process: run it without "
+                         "torch.distributed")
     run = RunDir(recipe.logging, recipe, is_main=is_main)
     state = run.load_checkpoint() if resume else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     # -- model, engine (rank 0), trainer policy ----------------------------------------------------------
-    engine = sender = manager = None
+    engine = sender = manager = drafts = None
     if is_main:
         model_dir = prepare_model(recipe.model, run.path)
-        engine = Engine(model_dir, seed=cfg.seed, **recipe.engine)
+        if recipe.spec.refreshes:
+            drafts = DraftRefresher(recipe.spec, run.path, seed=cfg.seed, device=cfg.device)
+            drafts.bootstrap(model_dir, recipe)  # a first head when spec.draft_path is null
+        draft_path = drafts.path if drafts is not None else recipe.spec.draft_path
+        engine = Engine(model_dir, seed=cfg.seed, **recipe.engine, **recipe.spec.engine_fields(draft_path))
         engine_dtype = engine.runner.dtype
     if dp:
         model_dir, engine_dtype = broadcast_object((model_dir, engine_dtype) if is_main else None)
@@ -157,6 +166,9 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None) -
             t3 = time.perf_counter()
             if is_main:
                 metrics = step_metrics(step + 1, version, batch, tensors, update, t1 - t0, t3 - t2, t2 - t1)
+                if drafts is not None:  # the head follows the weights just pushed
+                    metrics.update(drafts.after_step(step + 1, batch, engine, lambda: _draft_target(
+                        policy, cfg.forward, drafts, model_dir, adapter)))
                 run.log(metrics)
                 log.info("step %d reward %.3f", step + 1, metrics["reward_mean"])
                 bar.update(1)
@@ -179,6 +191,11 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None) -
     if owns_group:
         dist.destroy_process_group()
     return history
+
+
+def _draft_target(policy, forward: str, drafts: DraftRefresher, model_dir: str, adapter: HFAdapter):
+    """The current policy as train_eagle takes it: the HF model itself, or an HF directory of its weights."""
+    return policy if forward == "hf" else drafts.write_policy(model_dir, adapter.named_tensors())
 
 
 def _device(name: str, dp: bool) -> torch.device:

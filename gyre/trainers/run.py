@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import random
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gyre.recipe import DataSection, LoggingSection, ModelSection, Recipe
+from gyre.recipe import DataSection, LoggingSection, ModelSection, Recipe, SpecSection
 from gyre.trainers import tasks
 
 log = logging.getLogger("gyre.train")
@@ -208,18 +210,8 @@ def sft_warmup(policy, tokenizer: Any, recipe: Recipe, device: torch.device) -> 
     cfg = recipe.warmup
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     stream = make_stream(recipe.data, tokenizer, start=10_000_000)  # disjoint from the RL prompts
-    eos = tokenizer.eos_token_id
     for step in range(cfg.steps):
-        rows = []
-        for _ in range(cfg.batch_size):
-            task = next(stream)
-            prompt = (
-                task["prompt"]
-                if isinstance(task["prompt"], list)
-                else tokenizer.encode(task["prompt"], add_special_tokens=False)
-            )
-            answer = tokenizer.encode(task["answer"], add_special_tokens=False) + [eos]
-            rows.append((prompt, answer))
+        rows = [reference_ids(next(stream), tokenizer) for _ in range(cfg.batch_size)]
         length = max(len(p) + len(a) for p, a in rows)
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -243,6 +235,82 @@ def sft_warmup(policy, tokenizer: Any, recipe: Recipe, device: torch.device) -> 
         opt.step()
         if (step + 1) % 50 == 0:
             log.info("warm-up step %d loss %.3f", step + 1, float(loss))
+
+
+def reference_ids(task: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference answer ids + eos) of a task."""
+    prompt = task["prompt"]
+    if not isinstance(prompt, list):
+        prompt = tokenizer.encode(prompt, add_special_tokens=False)
+    return prompt, tokenizer.encode(task["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+class DraftRefresher:
+    """spec.refresh_every > 0: the EAGLE head follows the policy.
+
+    The token ids (prompt + response) of every step's samples are kept; every refresh_every steps the head
+    is retrained on them against the current policy (spec.refresh_steps steps, warm-started from the head in
+    use), written to runs/<name>/draft/step-<N> and loaded into the engine. With spec.draft_path null,
+    `bootstrap` trains a first head before the engine starts, on the task's prompts + reference answers
+    against the starting weights. A resumed run starts from the newest head written."""
+
+    def __init__(self, cfg: SpecSection, run_path: Path, seed: int, device: str = "auto") -> None:
+        self.cfg = cfg
+        self.root = run_path / "draft"
+        self.seed = seed
+        self.device = device
+        self.tokens: list[list[int]] = []
+        written = sorted(self.root.glob("step-*/model.safetensors"), key=lambda p: int(p.parent.name[5:]))
+        self.path: str | None = str(written[-1].parent) if written else cfg.draft_path  # the head in use
+
+    def bootstrap(self, model_dir: str, recipe: Recipe, num_tasks: int = 256) -> dict[str, float]:
+        if self.path is not None:
+            return {}
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        stream = make_stream(recipe.data, tokenizer, start=20_000_000)  # disjoint from RL and warm-up tasks
+        docs = [sum(reference_ids(next(stream), tokenizer), []) for _ in range(num_tasks)]
+        return self.retrain(model_dir, docs, step=0)
+
+    def after_step(self, step: int, batch, engine, target: Callable[[], Any]) -> dict[str, float]:
+        """Keep the step's rollouts; on a refresh step retrain against target() (the policy: an HF model or
+        directory) and load the new head into the engine. Returns the refresh's metrics, or {}."""
+        self.tokens.extend(s.token_ids for s in batch.samples)
+        if step % self.cfg.refresh_every or not self.tokens:
+            return {}
+        start = time.perf_counter()
+        docs, self.tokens = self.tokens, []
+        metrics = self.retrain(target(), docs, step)
+        engine.load_draft(self.path)
+        metrics["spec_refresh_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def retrain(self, target: Any, docs: list[list[int]], step: int) -> dict[str, float]:
+        from gyre.engine.spec.train import train_eagle
+
+        out = self.root / f"step-{step}"
+        res = train_eagle(target, docs, out, steps=self.cfg.refresh_steps, init_from=self.path,
+                          device=self.device, seed=self.seed + step, log_every=self.cfg.refresh_steps)
+        old, self.path = self.path, str(out)
+        if old is not None and old != self.path and Path(old).parent == self.root:
+            shutil.rmtree(old, ignore_errors=True)  # only heads this run wrote; the engine holds the new one
+        log.info("draft head refreshed at step %d: loss %.4f -> %.4f, accuracy %.3f",
+                 step, res["loss_first"], res["loss"], res["accuracy"])
+        return {"spec_refresh_loss_first": res["loss_first"], "spec_refresh_loss": res["loss"],
+                "spec_refresh_accuracy": res["accuracy"], "spec_refresh_tokens": res["tokens"],
+                "spec_refresh_seconds": res["seconds"]}
+
+    def write_policy(self, model_dir: str, named_tensors) -> str:
+        """An HF directory of the policy's named HF-format tensors (for a policy that is not an HF model)."""
+        from safetensors.torch import save_file
+
+        path = self.root / "policy"
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(model_dir) / "config.json", path / "config.json")
+        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in named_tensors}
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return str(path)
 
 
 def padded_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float) -> torch.Tensor:
