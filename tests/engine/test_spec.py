@@ -191,3 +191,59 @@ def test_ngram_lookup():
     with pytest.raises(ValueError):
         NgramDrafter(max_ngram=1, min_ngram=2)
     assert not math.isnan(d.num_hits)
+
+
+@pytest.fixture(scope="module")
+def eagle_dir(llama_dir, tmp_path_factory):
+    from transformers import AutoConfig
+
+    from gyre.engine.spec.eagle import EagleHead, eagle_config, save_eagle
+
+    torch.manual_seed(0)
+    head = EagleHead(eagle_config(AutoConfig.from_pretrained(llama_dir)), torch.float32)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path_factory.mktemp("eagle") / "head"
+    save_eagle(head, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["draft", "eagle"])
+def test_model_drafters_greedy_identical(llama_dir, eagle_dir, reference, method):
+    greedy, sampled = reference
+    path = llama_dir if method == "draft" else eagle_dir  # the draft LM: the target itself (all accepted)
+    with Engine(llama_dir, device="cpu", spec_method=method, spec_draft_path=path, spec_num_tokens=3) as e:
+        for batch in (1, len(PROMPTS)):
+            for i in range(0, len(PROMPTS), batch):
+                outs = e.generate(PROMPTS[i:i + batch], GREEDY)
+                assert [o.output_ids for o in outs] == [o.output_ids for o in greedy[i:i + batch]]
+        stats = e.stats()
+        assert stats["spec_num_verifies"] > 0 and stats["draft_forwards"] > 0
+        if method == "draft":  # a draft equal to the target is always right under greedy decoding
+            assert stats["spec_num_accepted_tokens"] == stats["spec_num_draft_tokens"]
+        outs = e.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=5,
+                                                  ignore_eos=True))
+        assert [o.output_ids for o in outs] == [o.output_ids for o in sampled]
+        e.call(e.check_integrity)
+
+
+def test_eagle_weight_update_disables_until_load(llama_dir, eagle_dir):
+    with Engine(llama_dir, device="cpu", spec_method="eagle", spec_draft_path=eagle_dir) as e:
+        named = [(n, p.detach().clone()) for n, p in hf_model(llama_dir).named_parameters()]
+        e.update_weights(named, version=1)
+        stats = e.stats()
+        assert not stats["spec_active"] and "load_draft" in stats["spec_disabled_reason"]
+        before = stats["spec_num_verifies"]
+        e.generate(PROMPTS[0], GREEDY)
+        assert e.stats()["spec_num_verifies"] == before  # never silently stale
+        with pytest.raises(ValueError):
+            e.load_draft([("fc.weight", torch.zeros(3, 3))])  # bad: nothing changes, still disabled
+        assert not e.stats()["spec_active"]
+        e.load_draft(eagle_dir)
+        assert e.stats()["spec_active"] and e.stats()["spec_draft_version"] == 1
+        e.generate(PROMPTS[0], GREEDY)
+        assert e.stats()["spec_num_verifies"] > before
+    with Engine(llama_dir, device="cpu", spec_method="eagle", spec_draft_path=eagle_dir,
+                spec_on_weight_update="keep") as e:
+        e.update_weights(named, version=1)
+        assert e.stats()["spec_active"]

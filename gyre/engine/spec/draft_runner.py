@@ -1,0 +1,535 @@
+"""Runtime of the model drafters: a small draft LM (spec_method "draft") and an EAGLE head ("eagle").
+
+Each keeps its KV in a DraftKV: a pool with the target's pages (gyre.engine.spec.base) and the draft's
+layers, addressed through the request's page_table, with its own attention backend. Two kinds of forward,
+each batching every request of the call together:
+- catch-up (observe): over the positions the target made final in its step, writing the draft's KV there.
+  The draft LM reads the tokens x_p; the EAGLE head reads (embed(x_{p+1}), h_p), h the target's hidden.
+- draft steps (propose): one decode row per request, greedy, fed back up to k times; on CUDA each step is
+  the replay of a CUDA graph of its batch bucket (StepGraphs), the step's index tensors built once.
+Per-request state (what the last catch-up or proposal left) is keyed by request id and names the request
+object and the position it belongs to: a request retracted, re-prefilled or aborted in between finds no
+matching state and gets no draft (EAGLE) or a full catch-up (draft LM), never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from gyre.engine.config import EngineConfig
+from gyre.engine.cuda_graph import batch_buckets
+from gyre.engine.kv_pool import KVPool
+from gyre.engine.layers.attention import AttentionBackend, AttentionMetadata, make_backend
+from gyre.engine.model_runner import ForwardContext
+from gyre.engine.models import model_class
+from gyre.engine.request import Request
+from gyre.engine.spec.base import Drafter, TargetOutput
+from gyre.engine.spec.eagle import ARCH, eagle_config, load_eagle, load_into
+from gyre.engine.weights import iterate_safetensors, load_checkpoint, safetensors_files
+
+# step(tokens [B], hidden [B, H] | None, positions [B], ctx) -> (features [B, H] | None, next tokens [B])
+Step = Callable[..., tuple[Any, torch.Tensor]]
+
+
+def make_drafter(config: EngineConfig, runner) -> Drafter | None:
+    """The model drafter of config.spec_method ("draft" | "eagle"), None for any other method."""
+    if config.spec_method == "eagle":
+        return EagleDrafter(runner, config)
+    if config.spec_method == "draft":
+        return DraftModelDrafter(runner, config)
+    return None
+
+
+def draft_kv_bytes_per_page(config: EngineConfig, target_hf_config: Any, dtype: torch.dtype) -> int:
+    """Bytes of draft KV per page of the target's pool (0 without a model drafter)."""
+    if config.spec_method == "eagle":
+        path = config.spec_draft_path
+        has_cfg = path is not None and os.path.isfile(os.path.join(path, "config.json"))
+        cfg, layers = (_hf_config(path, "EAGLE head") if has_cfg else eagle_config(target_hf_config)), 1
+    elif config.spec_method == "draft":
+        cfg = _hf_config(_draft_path(config, "an HF causal LM directory"), "draft model")
+        layers = cfg.num_hidden_layers
+    else:
+        return 0
+    return KVPool.bytes_per_page(config.page_size, layers, cfg.num_key_value_heads, _head_dim(cfg), dtype)
+
+
+@dataclass
+class Steps:
+    """Index tensors of S draft decode steps over B rows, sorted by their number of steps, so that the
+    rows still drafting at step j are the first active[j]; a row past its last step is padding."""
+
+    positions: torch.Tensor  # [S, B] int64 (0 on padding)
+    slots: torch.Tensor  # [S, B] int64 (-1 on padding: no KV store)
+    seq_lens: torch.Tensor  # [S, B] int32 (0 on padding: output ignored)
+    seq_lens_cpu: list[list[int]]  # [S][B]
+    page_table: torch.Tensor  # [B, W] int32
+    active: list[int]  # [S]
+
+
+class DraftKV:
+    """The draft's KV pool (the target's page count and size, the draft's layers and KV heads) and an
+    attention backend over it; stages the batch tensors of the draft's forwards."""
+
+    def __init__(self, runner, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        target = runner.pool
+        self.device = runner.device
+        self.page_size = target.page_size
+        self.pool = KVPool(target.num_pages, target.page_size, num_layers, num_kv_heads, head_dim,
+                           runner.dtype, runner.device)
+        name = runner.config.attention_backend  # the target's choice (ModelRunner._build)
+        self.backend_name = name if name != "auto" else "triton" if self.device.type == "cuda" else "torch"
+        self.backend = make_backend(self.backend_name, self.pool)
+
+    def to_device(self, data, dtype: torch.dtype) -> torch.Tensor:
+        t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def _table(self, tables: list[list[int]], width: int) -> torch.Tensor:
+        return torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.int32)
+
+    def extend(self, tables: list[list[int]], starts: list[int],
+               counts: list[int]) -> tuple[ForwardContext, torch.Tensor]:
+        """A forward over positions [starts[i], starts[i] + counts[i]) of each sequence i (counts >= 1),
+        attending to its earlier positions in the pool -> (ctx, positions [T])."""
+        ps = self.page_size
+        positions, slots, seq_lens, cu = [], [], [], [0]
+        for table, s, n in zip(tables, starts, counts):
+            pos = range(s, s + n)
+            positions.extend(pos)
+            slots.extend([table[p // ps] * ps + p % ps for p in pos])
+            seq_lens.append(s + n)
+            cu.append(cu[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=self.to_device(slots, torch.int64),
+            page_table=self.to_device(self._table(tables, -(-max(seq_lens) // ps)), torch.int32),
+            seq_lens=self.to_device(seq_lens, torch.int32), cu_seqlens_q=self.to_device(cu, torch.int32),
+            max_q_len=max(counts), seq_lens_cpu=seq_lens, q_lens_cpu=list(counts),
+            is_decode=all(n == 1 for n in counts))
+        self.backend.prepare(meta)
+        return ForwardContext(self.backend, meta), self.to_device(positions, torch.int64)
+
+    def steps(self, tables: list[list[int]], firsts: list[int], counts: list[int]) -> Steps:
+        """counts[i] (descending) decode steps of row i at positions firsts[i], firsts[i] + 1, ..."""
+        ps, num_steps = self.page_size, counts[0]
+        first, count = torch.tensor(firsts), torch.tensor(counts)
+        width = -(-max(f + n for f, n in zip(firsts, counts)) // ps)
+        table = self._table(tables, width)  # [B, W]
+        pos = first[None, :] + torch.arange(num_steps)[:, None]  # [S, B]
+        live = torch.arange(num_steps)[:, None] < count[None, :]
+        pages = table.gather(1, (pos // ps).clamp(max=width - 1).T).T.to(torch.int64)
+        slots = torch.where(live, pages * ps + pos % ps, -1)
+        seq_lens = torch.where(live, pos + 1, 0).to(torch.int32)
+        dev = self.to_device
+        return Steps(dev(torch.where(live, pos, 0), torch.int64), dev(slots, torch.int64),
+                     dev(seq_lens, torch.int32), seq_lens.tolist(), dev(table, torch.int32),
+                     live.sum(1).tolist())
+
+    def decode(self, step: Step, graphs: StepGraphs | None, tokens: torch.Tensor, hidden: torch.Tensor | None,
+               steps: Steps) -> torch.Tensor:
+        """Runs the steps, each feeding its tokens (and features) to the next -> tokens [S, B]."""
+        bs, width = steps.page_table.shape
+        if graphs is not None and graphs.can_run(bs, width):
+            return graphs.run(tokens, hidden, steps)
+        out = torch.empty((len(steps.active), bs), dtype=torch.int64, device=self.device)
+        cu = torch.arange(bs + 1, dtype=torch.int32, device=self.device)
+        for j, a in enumerate(steps.active):  # rows past a are done: each step runs the first a rows
+            meta = AttentionMetadata(
+                slot_mapping=steps.slots[j, :a], page_table=steps.page_table[:a],
+                seq_lens=steps.seq_lens[j, :a], cu_seqlens_q=cu[:a + 1], max_q_len=1,
+                seq_lens_cpu=steps.seq_lens_cpu[j][:a], q_lens_cpu=[1] * a, is_decode=True)
+            self.backend.prepare(meta)
+            ctx = ForwardContext(self.backend, meta)
+            hidden = None if hidden is None else hidden[:a]
+            hidden, tokens = step(tokens[:a], hidden, steps.positions[j, :a], ctx)
+            out[j, :a] = tokens
+        return out
+
+
+class StepGraphs:
+    """CUDA graphs of one greedy draft step, one per batch bucket, over static buffers. A replay feeds its
+    outputs back into its inputs (tokens, and the EAGLE feature), so k draft steps are k replays with only
+    the step's positions, slots and lengths copied in between. Rows past the batch, or past their last
+    step, are padding: slot -1 (no KV store), seq_len 0 (output ignored). Weights are read by address:
+    in-place loads (Drafter.load, the target's weight updates) keep the graphs valid."""
+
+    def __init__(self, step: Step, kv: DraftKV, max_bs: int, max_seq_len: int,
+                 hidden: tuple[int, torch.dtype] | None) -> None:
+        dev, i32, i64 = kv.device, torch.int32, torch.int64
+        self.step, self.kv = step, kv
+        self.max_bs, self.max_pages = max_bs, -(-max_seq_len // kv.page_size)
+        self.tokens = torch.zeros(max_bs, dtype=i64, device=dev)
+        self.hidden = torch.zeros(max_bs, hidden[0], dtype=hidden[1], device=dev) if hidden else None
+        self.positions = torch.zeros(max_bs, dtype=i64, device=dev)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=i64, device=dev)
+        self.page_table = torch.zeros(max_bs, self.max_pages, dtype=i32, device=dev)
+        self.seq_lens = torch.zeros(max_bs, dtype=i32, device=dev)
+        self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=i32, device=dev)
+        self.plans = type(kv.backend).prepare_graph is not AttentionBackend.prepare_graph  # FlashInfer
+        self.buckets = batch_buckets(max_bs)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture()
+
+    def _meta(self, bs: int, seq_lens_cpu: list[int] | None = None) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], page_table=self.page_table[:bs], seq_lens=self.seq_lens[:bs],
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1], max_q_len=1, seq_lens_cpu=seq_lens_cpu or [1] * bs,
+            q_lens_cpu=[1] * bs, is_decode=True)
+
+    def _forward(self, meta: AttentionMetadata) -> None:
+        bs = meta.batch_size
+        hidden = None if self.hidden is None else self.hidden[:bs]
+        ctx = ForwardContext(self.kv.backend, meta)
+        feats, tokens = self.step(self.tokens[:bs], hidden, self.positions[:bs], ctx)
+        self.tokens[:bs].copy_(tokens)  # NOTE: after every read of the inputs (stream order): the next input
+        if feats is not None:
+            self.hidden[:bs].copy_(feats)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.graphs.clear()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
+                meta = self._meta(bs)
+                self.kv.backend.prepare_graph(meta)
+                self._forward(meta)  # warm up (Triton autotune/compile) outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._forward(meta)
+                self.graphs[bs] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def can_run(self, batch_size: int, width: int) -> bool:
+        return batch_size <= self.max_bs and width <= self.max_pages
+
+    def run(self, tokens: torch.Tensor, hidden: torch.Tensor | None, steps: Steps) -> torch.Tensor:
+        bs, width = steps.page_table.shape
+        bucket = next(b for b in self.buckets if b >= bs)
+        self.page_table[:bs, :width].copy_(steps.page_table)
+        self.tokens[:bs].copy_(tokens)
+        if hidden is not None:
+            self.hidden[:bs].copy_(hidden)
+        self.slot_mapping[bs:bucket].fill_(-1)
+        self.seq_lens[bs:bucket].fill_(0)
+        out = torch.empty((len(steps.active), bs), dtype=torch.int64, device=self.tokens.device)
+        for j in range(len(steps.active)):
+            self.positions[:bs].copy_(steps.positions[j])
+            self.slot_mapping[:bs].copy_(steps.slots[j])
+            self.seq_lens[:bs].copy_(steps.seq_lens[j])
+            if self.plans:
+                self.kv.backend.prepare_graph(self._meta(bucket, steps.seq_lens_cpu[j] + [0] * (bucket - bs)))
+            self.graphs[bucket].replay()
+            out[j].copy_(self.tokens[:bs])
+        return out
+
+
+class _ModelDrafter(Drafter):
+    """What both model drafters share: the KV, the graphs, the per-request state, the counters."""
+
+    def __init__(self, runner, config: EngineConfig, kv: DraftKV, max_positions: int,
+                 hidden: tuple[int, torch.dtype] | None) -> None:
+        self.runner, self.config, self.kv = runner, config, kv
+        self.max_positions = max_positions  # of the draft's rotary table
+        self._hidden = hidden
+        self.states: dict[str, Any] = {}  # request_id -> the drafter's state (names its Request)
+        self.num_forwards = 0
+        self.num_tokens = 0
+        self.graphs = self._make_graphs()
+
+    def _make_graphs(self) -> StepGraphs | None:
+        cfg = self.config
+        if self.kv.device.type != "cuda" or not cfg.cuda_graph or self.kv.backend_name == "torch":
+            return None  # the torch backend stages on the host: not capturable
+        max_seq = min(cfg.cuda_graph_max_seq_len, self.runner.max_model_len) + cfg.spec_num_tokens
+        return StepGraphs(self._step, self.kv, min(cfg.cuda_graph_max_bs, cfg.max_running_requests), max_seq,
+                          self._hidden)
+
+    def _step(self, tokens, hidden, positions, ctx):
+        raise NotImplementedError
+
+    def _purge(self) -> None:
+        done = [rid for rid, st in self.states.items() if st.req.is_finished]
+        for rid in done:
+            del self.states[rid]
+
+    def _room(self, req: Request, length: int, slack: int) -> int:
+        """Draft steps that fit a request's reserved pages and the rotary table, when its last step writes
+        position length + steps - slack."""
+        return min(len(req.page_table) * self.kv.page_size, self.max_positions) - length + slack
+
+    def stats(self) -> dict:
+        return {"draft_forwards": self.num_forwards, "draft_tokens": self.num_tokens}
+
+    def on_memory_released(self) -> None:
+        """Drop the draft KV (and the graphs that point at it); page bookkeeping is the target's."""
+        self.graphs = None
+        self.kv.pool.release()
+        self.states.clear()
+        if self.kv.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def on_memory_resumed(self) -> None:
+        self.kv.pool.restore()
+        if self.graphs is None:
+            self.graphs = self._make_graphs()
+
+
+@dataclass
+class _EagleState:
+    req: Request
+    pos: int  # its catch-up row; current while pos == len(all_ids) - 2
+    feature: torch.Tensor  # [H]: the head's guess of h_{pos+1}
+    token: torch.Tensor  # []: argmax lm_head(feature), the draft of x_{pos+2} = x_{len(all_ids)}
+
+
+class EagleDrafter(_ModelDrafter):
+    """An EAGLE head (gyre.engine.spec.eagle) over the target's hidden states, embedding and lm_head."""
+
+    name = "eagle"
+    needs_hidden = True
+
+    def __init__(self, runner, config: EngineConfig) -> None:
+        _check_single_rank(runner, config)
+        path = _draft_path(config, "an EAGLE head directory")
+        try:
+            self.head = load_eagle(path, runner.dtype, runner.device)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as e:  # unreadable safetensors, a config transformers cannot parse
+            raise ValueError(f"cannot load the EAGLE head at {path!r}: {e}") from e
+        cfg, target = self.head.config, runner.hf_config
+        for field in ("hidden_size", "vocab_size"):
+            if getattr(cfg, field) != getattr(target, field):
+                raise ValueError(f"EAGLE head {path!r}: {field} {getattr(cfg, field)} does not match the "
+                                 f"target's {getattr(target, field)}")
+        self.embed = runner.model.model.embed_tokens
+        kv = DraftKV(runner, 1, cfg.num_key_value_heads, _head_dim(cfg))
+        hidden = (cfg.hidden_size, runner.dtype)  # the feature fed back by each draft step
+        super().__init__(runner, config, kv, int(cfg.max_position_embeddings), hidden)
+
+    def _step(self, tokens, hidden, positions, ctx):
+        features = self.head(self.embed(tokens), hidden, positions, ctx)  # [B, H]
+        return features, self.runner.model.compute_logits(features).argmax(-1)
+
+    @torch.inference_mode()
+    def observe(self, out: TargetOutput) -> None:
+        self._purge()
+        if out.hidden is None:
+            return
+        tables, starts, counts, rows, ids, lasts = [], [], [], [], [], []
+        for req, s, n, r in zip(out.reqs, out.starts, out.num_valid, out.rows):
+            length = _length(req)
+            n = min(n, length - 1 - s)  # position p reads x_{p+1}: known up to p = length - 2
+            if n <= 0 or self._room(req, s + n, 0) < 0:
+                continue
+            tables.append(req.page_table)
+            starts.append(s)
+            counts.append(n)
+            rows.extend(range(r, r + n))
+            ids.extend(req.token_range(s + 1, s + n + 1))
+            if s + n == length - 1:
+                lasts.append((req, len(rows) - 1, s + n - 1))
+        if not counts:
+            return
+        ctx, positions = self.kv.extend(tables, starts, counts)
+        hidden = out.hidden.index_select(0, self.kv.to_device(rows, torch.int64))  # [T, H]: h_p
+        features = self.head(self.embed(self.kv.to_device(ids, torch.int64)), hidden, positions, ctx)
+        self.num_forwards += 1
+        if lasts:
+            keep = features.index_select(0, self.kv.to_device([row for _, row, _ in lasts], torch.int64))
+            tokens = self.runner.model.compute_logits(keep).argmax(-1)  # [K]
+            for k, (req, _, pos) in enumerate(lasts):
+                self.states[req.request_id] = _EagleState(req, pos, keep[k], tokens[k])
+
+    @torch.inference_mode()
+    def propose(self, reqs: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in reqs]
+        rows = []  # (index, drafts, state)
+        for i, (req, m) in enumerate(zip(reqs, num_tokens)):
+            st, length = self.states.get(req.request_id), _length(req)
+            if st is None or st.req is not req or st.pos != length - 2:
+                continue  # no catch-up of its last position yet (or a stale one): no draft this step
+            m = min(m, self._room(req, length, 2))  # draft step j >= 1 writes position length - 2 + j
+            if m > 0:
+                rows.append((i, m, st))
+        if not rows:
+            return out
+        rows.sort(key=lambda r: -r[1])
+        drafts = torch.stack([st.token for _, _, st in rows])[None]  # [1, B]: d1 of every row
+        if rows[0][1] > 1:
+            picked = [reqs[i] for i, _, _ in rows]
+            steps = self.kv.steps([r.page_table for r in picked], [_length(r) - 1 for r in picked],
+                                  [m - 1 for _, m, _ in rows])
+            features = torch.stack([st.feature for _, _, st in rows])  # [B, H]
+            drafts = torch.cat([drafts, self.kv.decode(self._step, self.graphs, drafts[0], features, steps)])
+            self.num_forwards += len(steps.active)
+        for (i, m, _), d in zip(rows, drafts.T.tolist()):
+            out[i] = d[:m]
+            self.num_tokens += m
+        return out
+
+    def load(self, source) -> None:
+        """New head weights: a directory saved by save_eagle, or (name, tensor) pairs of every weight; all
+        checked before any is copied (a bad load keeps the old head). Copies in place: graphs stay valid."""
+        if isinstance(source, (str, os.PathLike)):
+            cfg_path = os.path.join(source, "config.json")
+            if not os.path.isfile(cfg_path):
+                raise FileNotFoundError(f"{str(source)!r} is not an EAGLE head directory (no config.json)")
+            with open(cfg_path) as f:
+                archs = json.load(f).get("architectures") or []
+            if ARCH not in archs:
+                raise ValueError(f"{str(source)!r} holds {archs}, not a {ARCH}")
+            tensors = dict(iterate_safetensors(safetensors_files(source)))
+        else:
+            tensors = dict(source)
+        if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError("EAGLE head weights must be torch tensors")
+        load_into(self.head, tensors)
+
+
+@dataclass
+class _Written:
+    req: Request
+    start: int  # position of its first draft step (the request's last token at proposal time)
+    tokens: list[int]  # tokens whose KV the draft steps wrote at start, start + 1, ...
+
+
+class DraftModelDrafter(_ModelDrafter):
+    """A small causal LM sharing the target's vocabulary, built with gyre's model classes."""
+
+    name = "draft"
+
+    def __init__(self, runner, config: EngineConfig) -> None:
+        _check_single_rank(runner, config)
+        path = _draft_path(config, "an HF causal LM directory")
+        cfg = _hf_config(path, "draft model")
+        if int(cfg.vocab_size) != runner.vocab_size:
+            raise ValueError(f"draft model {path!r}: vocab_size {cfg.vocab_size} differs from the target's "
+                             f"{runner.vocab_size} (the draft must share the target's tokenizer)")
+        try:
+            cls = model_class(cfg)
+        except ValueError as e:
+            raise ValueError(f"draft model {path!r}: {e}") from e
+        with torch.device(runner.device):
+            self.model = cls(cfg, runner.dtype)
+        self.model.eval()
+        load_checkpoint(self.model, path)
+        kv = DraftKV(runner, cfg.num_hidden_layers, cfg.num_key_value_heads, _head_dim(cfg))
+        super().__init__(runner, config, kv, int(cfg.max_position_embeddings), None)
+
+    def _step(self, tokens, hidden, positions, ctx):
+        return None, self.model.compute_logits(self.model(tokens, positions, ctx)).argmax(-1)
+
+    @torch.inference_mode()
+    def observe(self, out: TargetOutput) -> None:
+        self._purge()
+        tables, starts, counts, ids = [], [], [], []
+        for req, s, n in zip(out.reqs, out.starts, out.num_valid):
+            toks = req.token_range(s, s + n)
+            w = self.states.pop(req.request_id, None)
+            if w is not None and w.req is req and w.start == s:  # its draft steps wrote these tokens' KV
+                skip = 0
+                while skip < min(n, len(w.tokens)) and w.tokens[skip] == toks[skip]:
+                    skip += 1
+                s, n, toks = s + skip, n - skip, toks[skip:]
+            if n <= 0 or self._room(req, s + n, 0) < 0:
+                continue
+            tables.append(req.page_table)
+            starts.append(s)
+            counts.append(n)
+            ids.extend(toks)
+        if not counts:
+            return
+        ctx, positions = self.kv.extend(tables, starts, counts)
+        self.model(self.kv.to_device(ids, torch.int64), positions, ctx)  # writes the draft's KV
+        self.num_forwards += 1
+
+    @torch.inference_mode()
+    def propose(self, reqs: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in reqs]
+        rows = []  # (index, drafts, length)
+        for i, (req, m) in enumerate(zip(reqs, num_tokens)):
+            length = _length(req)
+            m = min(m, self._room(req, length, 1))  # step j >= 0 writes position length - 1 + j
+            if m > 0 and length > 0:
+                rows.append((i, m, length))
+        if not rows:
+            return out
+        rows.sort(key=lambda r: -r[1])
+        last = [reqs[i].token_range(n - 1, n)[0] for i, _, n in rows]
+        steps = self.kv.steps([reqs[i].page_table for i, _, _ in rows], [n - 1 for _, _, n in rows],
+                              [m for _, m, _ in rows])
+        drafts = self.kv.decode(self._step, self.graphs, self.kv.to_device(last, torch.int64), None, steps)
+        self.num_forwards += len(steps.active)
+        for (i, m, n), x, d in zip(rows, last, drafts.T.tolist()):
+            out[i] = d[:m]
+            self.num_tokens += m
+            self.states[reqs[i].request_id] = _Written(reqs[i], n - 1, [x] + d[:m - 1])
+        return out
+
+    def load(self, source) -> None:
+        """New draft weights: an HF directory (every weight), or (HF name, tensor) pairs (any subset); all
+        checked before any is copied (a bad load keeps the old draft). Copies in place: graphs stay valid."""
+        if isinstance(source, (str, os.PathLike)):
+            tensors, complete = dict(iterate_safetensors(safetensors_files(source))), True
+        else:
+            tensors, complete = dict(source), False
+        specs = self.model.hf_weight_specs()
+        bad = []
+        for name, t in tensors.items():
+            try:
+                target = self.model.resolve(name)
+            except KeyError:
+                bad.append(f"unknown {name!r}")
+                continue
+            if target is None:
+                continue
+            want = specs.get(name) or specs["model.embed_tokens.weight"]  # only a tied lm_head has no spec
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(want):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                bad.append(f"{name!r}: {got}, expected floating point {tuple(want)}")
+        if complete:
+            bad += [f"missing {name!r}" for name in sorted(set(specs) - set(tensors))]
+        if bad:
+            raise ValueError(f"draft model weights rejected, nothing loaded: {'; '.join(bad[:5])}")
+        self.model.load_weights(tensors.items())
+
+
+def _length(req: Request) -> int:
+    """len(req.all_ids) without building the list."""
+    return len(req.prompt_ids) + len(req.output_ids)
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _check_single_rank(runner, config: EngineConfig) -> None:
+    if runner.parallel.world_size > 1:
+        raise ValueError(f"spec_method={config.spec_method!r} needs tp_size = ep_size = 1 (the draft runs on "
+                         f"one device)")
+
+
+def _draft_path(config: EngineConfig, what: str) -> str:
+    if not config.spec_draft_path:
+        raise ValueError(f"spec_method={config.spec_method!r} needs spec_draft_path ({what})")
+    return str(config.spec_draft_path)
+
+
+def _hf_config(path: str, what: str) -> Any:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what} {path!r} is not an HF model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises its own types for an unknown model_type or bad JSON
+        raise ValueError(f"{what} {path!r}: cannot read config.json: {e}") from e
