@@ -212,6 +212,27 @@ class StepGraphs:
     def can_run(self, batch_size: int, width: int) -> bool:
         return batch_size <= self.max_bs and width <= self.max_pages
 
+    def run_rows(self, tokens: torch.Tensor, hidden: torch.Tensor | None, positions: torch.Tensor,
+                 slots: torch.Tensor, seq_lens: list[int], table: torch.Tensor) -> tuple[torch.Tensor | None,
+                                                                                        torch.Tensor]:
+        """One replay over bs independent decode rows (row i attends to positions < seq_lens[i] of its page
+        table row) -> (features, tokens) [bs]: views of the static buffers, valid until the next replay."""
+        bs, width = table.shape
+        bucket = next(b for b in self.buckets if b >= bs)
+        self.page_table[:bs, :width].copy_(table, non_blocking=True)
+        self.tokens[:bs].copy_(tokens, non_blocking=True)
+        if hidden is not None:
+            self.hidden[:bs].copy_(hidden)
+        self.positions[:bs].copy_(positions, non_blocking=True)
+        self.slot_mapping[:bs].copy_(slots, non_blocking=True)
+        self.seq_lens[:bs].copy_(torch.tensor(seq_lens, dtype=torch.int32).pin_memory(), non_blocking=True)
+        self.slot_mapping[bs:bucket].fill_(-1)
+        self.seq_lens[bs:bucket].fill_(0)
+        if self.plans:
+            self.kv.backend.prepare_graph(self._meta(bucket, seq_lens + [0] * (bucket - bs)))
+        self.graphs[bucket].replay()
+        return (None if self.hidden is None else self.hidden[:bs]), self.tokens[:bs]
+
     def run(self, tokens: torch.Tensor, hidden: torch.Tensor | None, steps: Steps) -> torch.Tensor:
         bs, width = steps.page_table.shape
         bucket = next(b for b in self.buckets if b >= bs)
@@ -341,15 +362,45 @@ class EagleDrafter(_ModelDrafter):
                 lasts.append((req, len(rows) - 1, s + n - 1))
         if not counts:
             return
-        ctx, positions = self.kv.extend(tables, starts, counts)
         hidden = out.hidden.index_select(0, self.kv.to_device(rows, torch.int64))  # [T, H]: h_p
-        features = self.head(self.embed(self.kv.to_device(ids, torch.int64)), hidden, positions, ctx)
         self.num_forwards += 1
+        if self._catch_up_in_graph(tables, starts, counts, hidden, ids, lasts):
+            return
+        ctx, positions = self.kv.extend(tables, starts, counts)
+        features = self.head(self.embed(self.kv.to_device(ids, torch.int64)), hidden, positions, ctx)
         if lasts:
             keep = features.index_select(0, self.kv.to_device([row for _, row, _ in lasts], torch.int64))
             tokens = self.runner.model.compute_logits(keep).argmax(-1)  # [K]
             for k, (req, _, pos) in enumerate(lasts):
                 self.states[req.request_id] = _EagleState(req, pos, keep[k], tokens[k])
+
+    def _catch_up_in_graph(self, tables, starts, counts, hidden, ids, lasts) -> bool:
+        """A short catch-up (after a verify: the last token and the accepted drafts) as independent decode
+        rows, one per position, in the draft step's CUDA graph. False when it does not fit one."""
+        graphs = self.graphs
+        ps = self.kv.page_size
+        num_rows = sum(counts)
+        width = -(-max(s + n for s, n in zip(starts, counts)) // ps)
+        if (graphs is None or max(counts) > self.config.spec_num_tokens + 1
+                or not graphs.can_run(num_rows, width)):
+            return False
+        positions, slots, seq_lens, row_tables = [], [], [], []
+        for table, s, n in zip(tables, starts, counts):
+            for p in range(s, s + n):
+                positions.append(p)
+                slots.append(table[p // ps] * ps + p % ps)
+                seq_lens.append(p + 1)
+                row_tables.append(table)
+        dev = self.kv.to_device
+        features, tokens = graphs.run_rows(dev(ids, torch.int64), hidden, dev(positions, torch.int64),
+                                           dev(slots, torch.int64), seq_lens,
+                                           dev(self.kv._table(row_tables, width), torch.int32))
+        if lasts:
+            pick = dev([row for _, row, _ in lasts], torch.int64)
+            keep, picked = features.index_select(0, pick), tokens.index_select(0, pick)  # copies
+            for k, (req, _, pos) in enumerate(lasts):
+                self.states[req.request_id] = _EagleState(req, pos, keep[k], picked[k])
+        return True
 
     @torch.inference_mode()
     def propose(self, reqs: list[Request], num_tokens: list[int]) -> list[list[int]]:
