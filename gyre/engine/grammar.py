@@ -10,6 +10,8 @@ xgrammar matcher over a compiled grammar shared by every request with the same s
   previous step (matchers accept its tokens) and fills the next-token bitmask on the CPU while the device
   runs the forward; the sampler applies it to the logits before anything else, so the sampled token and
   its logprob come from the masked distribution. Steps with no constrained row stay fully overlapped.
+  A step's grammar work is two native calls that release the GIL: one batched accept, and one batched
+  fill, in xgrammar's thread pool, into a bitmask buffer allocated once (pinned for the device).
 - Advance: `Scheduler.resolve` feeds each token appended to output_ids to its matcher exactly once, a
   step's worth at a time (`accept_tokens`); a recompute after retraction appends nothing, so it never
   re-feeds them. A matcher that terminates (the
@@ -22,11 +24,13 @@ a ValueError that says so.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import queue
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -34,6 +38,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -126,7 +131,8 @@ class GrammarBackend:
 
     JSON schemas allow any whitespace between tokens (xgrammar's default, as in vLLM and SGLang), so the
     model keeps its own layout; json_any_whitespace=False forces json.dumps' layout (", " and ": "), and
-    json_max_whitespace caps runs of whitespace (a policy that loops on newlines).
+    json_max_whitespace caps runs of whitespace (a policy that loops on newlines). fill_threads: xgrammar's
+    threads filling a step's bitmasks (default: half the CPUs this process may run on).
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class GrammarBackend:
         cache_size: int = 128,
         compile_timeout_s: float = 30.0,
         num_workers: int = 2,
+        fill_threads: int | None = None,
         json_any_whitespace: bool = True,
         json_max_whitespace: int | None = None,
     ) -> None:
@@ -147,6 +154,7 @@ class GrammarBackend:
         self.cache_size = cache_size
         self.compile_timeout_s = compile_timeout_s
         self.num_workers = num_workers
+        self.fill_threads = fill_threads or max(1, _num_cpus() // 2)
         self.json_any_whitespace = json_any_whitespace
         self.json_max_whitespace = json_max_whitespace
         self.tokenizer_info: Any = None
@@ -155,6 +163,10 @@ class GrammarBackend:
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
+        self._filler: Any = None  # xgrammar BatchGrammarMatcher: its thread pool fills the bitmasks
+        self._bitmasks = [torch.empty(0, 0, dtype=torch.int32)] * 2  # [rows, ceil(V / 32)], used in turn
+        self._pinned = [False, False]
+        self._turn = 0
 
     @property
     def num_cached(self) -> int:
@@ -249,34 +261,72 @@ class GrammarBackend:
     # -- masks (engine thread) ----------------------------------------------------------------------
     def fill_bitmask(self, reqs: Sequence[Request], pin: bool = False) -> torch.Tensor:
         """Next-token bitmask [len(reqs), ceil(V / 32)] int32 of a step's sampling rows: a constrained
-        request's row from its matcher; all ones for the others and for requests already finished."""
-        width = (self.vocab_size + 31) // 32
-        bitmask = torch.empty((len(reqs), width), dtype=torch.int32, pin_memory=pin)
-        bitmask.numpy().fill(-1)  # numpy: torch's threaded fill_ costs milliseconds on a busy host
+        request's row from its matcher; all ones for the others and for requests already finished.
+        pin: in page-locked memory, for an asynchronous copy to the device. The tensor is a view of a
+        buffer that the fill after next rewrites."""
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.is_finished]
+        bitmask = self._next_buffer(len(reqs), pin)
+        if len(rows) < len(reqs):  # a matcher writes its whole row; only the others need ones
+            free = np.ones(len(reqs), dtype=bool)
+            free[rows] = False
+            bitmask.numpy()[free] = -1  # numpy: torch's threaded fill_ costs milliseconds on a busy host
         if len(rows) == 1:
             reqs[rows[0]].grammar.matcher.fill_next_token_bitmask(bitmask, rows[0])
         elif rows:  # in xgrammar's threads
-            _batch().batch_fill_next_token_bitmask([reqs[i].grammar.matcher for i in rows], bitmask, rows)
+            matchers = [reqs[i].grammar.matcher for i in rows]
+            indices = rows if len(rows) < len(reqs) else None
+            self._batch_filler().batch_fill_next_token_bitmask(matchers, bitmask, indices)
         return bitmask
 
+    def _next_buffer(self, num_rows: int, pin: bool) -> torch.Tensor:
+        # NOTE: two buffers in turn. The device copy of a bitmask is queued with its step's sampling, and
+        # the engine waits for that step (resolves it) before the fill after next, so a buffer is never
+        # rewritten while a copy may still read it.
+        i = self._turn = self._turn ^ 1
+        buf = self._bitmasks[i]
+        if buf.shape[0] < num_rows or (pin and not self._pinned[i]):
+            rows = max(num_rows, 2 * buf.shape[0], 8)  # grows rarely: page-locked allocations are slow
+            width = (self.vocab_size + 31) // 32
+            buf = self._bitmasks[i] = torch.empty((rows, width), dtype=torch.int32, pin_memory=pin)
+            self._pinned[i] = pin
+        return buf[:num_rows]
 
-_local = threading.local()  # one BatchGrammarMatcher (and its thread pool) per engine thread
+    def _batch_filler(self) -> Any:
+        if self._filler is None:
+            self._filler = load_xgrammar().BatchGrammarMatcher(self.fill_threads)
+        return self._filler
 
 
-def _batch() -> Any:
-    matcher = getattr(_local, "batch_matcher", None)
-    if matcher is None:
-        matcher = _local.batch_matcher = load_xgrammar().BatchGrammarMatcher()
-    return matcher
+def _num_cpus() -> int:
+    """CPUs this process may run on (xgrammar's own default counts the host's, cgroups aside)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def accept_tokens(states: Sequence[GrammarState], tokens: Sequence[int]) -> list[bool]:
-    """Advance each matcher over its token (a step's worth, in xgrammar's threads); False where the
-    grammar rejects the token."""
+    """Advance each matcher over its token (a step's worth, one native call); False where the grammar
+    rejects the token."""
     if len(states) <= 1:
         return [s.accept(t) for s, t in zip(states, tokens)]
-    return list(_batch().batch_accept_token([s.matcher for s in states], list(tokens)))
+    batch_accept = _native_batch_accept()
+    if batch_accept is None:
+        return load_xgrammar().BatchGrammarMatcher.batch_accept_token(
+            [s.matcher for s in states], list(tokens)
+        )
+    accepted = batch_accept([s.matcher._handle for s in states], list(tokens), False)
+    # NOTE: xgrammar's wrapper reads its result element by element through the FFI (about 1 us each, a
+    # quarter of a millisecond at batch 128); one containment test covers the usual step, where every
+    # token was sampled under its mask.
+    if 0 not in accepted:
+        return [True] * len(states)
+    return [bool(a) for a in accepted]
+
+
+@functools.cache
+def _native_batch_accept() -> Any:
+    """xgrammar's native batch_accept_token (on matcher handles), or None where this xgrammar has none."""
+    core = getattr(getattr(load_xgrammar(), "base", None), "_core", None)
+    fn = getattr(getattr(core, "BatchGrammarMatcher", None), "batch_accept_token", None)
+    return fn if callable(fn) else None
 
 
 # -- applying a mask (any thread; no xgrammar needed) ------------------------------------------------
@@ -286,8 +336,8 @@ _use_xgr_kernel = True
 
 def apply_token_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """logits [B, V] float; mask [B, V] bool (True = allowed) or a bitmask [B, ceil(V / 32)] int32 whose
-    bit j of word w allows token 32 * w + j. Returns the logits with -inf where not allowed (on CUDA the
-    bitmask is applied in place by xgrammar's kernel when it is available)."""
+    bit j of word w allows token 32 * w + j. Returns the logits with -inf where not allowed (a bitmask is
+    applied in place: by xgrammar's kernel on CUDA when it is available)."""
     global _use_xgr_kernel
     mask = mask.to(logits.device, non_blocking=True)
     if mask.dtype == torch.bool:
@@ -301,7 +351,12 @@ def apply_token_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         except Exception as e:  # noqa: BLE001 - fall back to ours for good
             _use_xgr_kernel = False
             log.warning("xgrammar's bitmask kernel is unavailable (%s: %s); using torch", type(e).__name__, e)
-    return logits.masked_fill(~unpack_bitmask(mask, logits.shape[1]), float("-inf"))
+    if logits.device.type == "cpu" and sys.byteorder == "little":  # numpy unpacks bits several times faster
+        # [B, 4 W] bytes: bit j of word w is bit j % 8 of byte 4 w + j // 8
+        words = mask.contiguous().numpy().view(np.uint8)
+        bits = np.unpackbits(words, axis=1, count=logits.shape[1], bitorder="little")  # [B, V] uint8
+        return logits.masked_fill_(torch.from_numpy(bits == 0), float("-inf"))
+    return logits.masked_fill_(~unpack_bitmask(mask, logits.shape[1]), float("-inf"))
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -10,21 +10,26 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import re
 import subprocess
 import sys
 import threading
 
 import pytest
+import torch
 
+import gyre.engine.grammar as grammar_module
 from gyre import Engine, SamplingParams
 from gyre.engine.grammar import (
     GrammarBackend,
+    accept_tokens,
     apply_token_mask,
     sampling_from_response_format,
     unpack_bitmask,
 )
 from gyre.engine.grammar_tools import sampling_from_tools, tool_call_grammar
+from gyre.engine.request import Request, Status
 from gyre.engine.tool_calls import parse_tool_calls
 from gyre.testing import tiny_model
 
@@ -553,18 +558,117 @@ def test_rollback(engine):
     assert state.accept(b) and state.accept(c) and state.accept(2) and state.is_terminated
 
 
-def test_apply_token_mask_matches_bool_mask():
-    import torch
+# -- the batched mask path --------------------------------------------------------------------------------
+def _running(request_id: str, sp: SamplingParams) -> Request:
+    req = Request(request_id, [1, 2], sp, 0, 0)
+    req.status = Status.RUNNING
+    return req
 
+
+@pytest.mark.parametrize("native_accept", [True, False], ids=["native-accept", "xgrammar-accept"])
+def test_batched_masks_and_accepts_match_per_request(engine, monkeypatch, native_accept):
+    """fill_bitmask (one batched fill into reused buffers) and accept_tokens (one batched accept) give,
+    step for step, what each request's own matcher gives one call at a time: over JSON schemas, regexes
+    and EBNF, rows in a new order each step, unconstrained rows, finished requests and rejected tokens."""
+    if not native_accept:
+        monkeypatch.setattr(grammar_module, "_native_batch_accept", lambda: None)
+    backend = engine.grammar
+    sps = [SamplingParams(json_schema=s) for s in SCHEMAS.values()]
+    sps += [SamplingParams(regex=r) for r in REGEXES]
+    sps += [SamplingParams(grammar=EXPR_EBNF), SamplingParams(grammar=LIST_EBNF)]
+    reqs, twins = [], {}  # twins: the same grammar, driven through the per-request calls
+    for i, sp in enumerate(sps * 3):
+        req = _running(f"c{i}", sp)
+        req.grammar = backend.new_state(backend.compile(sp), sp)
+        twins[req.request_id] = backend.new_state(backend.compile(sp), sp)
+        reqs.append(req)
+    free = [_running(f"f{i}", SamplingParams()) for i in range(3)]
+    rng = random.Random(0)
+    width = (backend.vocab_size + 31) // 32
+    num_rejected = num_finished = 0
+    for step in range(40):
+        active = [r for r in reqs if not r.is_finished]
+        if step % 3 == 0:  # every row constrained and running: the fill without row indices
+            batch = active
+        else:
+            batch = rng.sample(reqs, rng.randint(1, len(reqs))) + free[: rng.randint(0, len(free))]
+        rng.shuffle(batch)
+        got = backend.fill_bitmask(batch)
+
+        want = torch.full((len(batch), width), -1, dtype=torch.int32)
+        for i, r in enumerate(batch):
+            if r.grammar is not None and not r.is_finished:
+                twins[r.request_id].matcher.fill_next_token_bitmask(want, i)
+        assert torch.equal(got, want), step
+
+        rows = [i for i, r in enumerate(batch) if r.grammar is not None and not r.is_finished]
+        allowed = unpack_bitmask(want, backend.vocab_size)
+        tokens = []
+        for i in rows:
+            ids = allowed[i].nonzero().flatten().tolist()
+            if rng.random() < 0.1:  # a token the grammar forbids
+                ids = (~allowed[i]).nonzero().flatten().tolist() or ids
+            tokens.append(rng.choice(ids))
+        accepted = accept_tokens([batch[i].grammar for i in rows], tokens)
+        assert accepted == [twins[batch[i].request_id].accept(t) for i, t in zip(rows, tokens)], step
+        num_rejected += accepted.count(False)
+        for i in rows:
+            if batch[i].grammar.is_terminated:
+                assert twins[batch[i].request_id].is_terminated
+                batch[i].status = Status.FINISHED
+                num_finished += 1
+    assert num_rejected > 0 and num_finished > 0
+
+
+def test_bitmask_buffers_are_reused_in_turn(engine):
+    """A fill's bitmask stays intact through the next fill (its copy to the device may still be queued);
+    the fill after next reuses its memory."""
+    sp = SamplingParams(regex="[0-9]{3}")
+    req = _running("r", sp)
+    req.grammar = engine.grammar.new_state(engine.grammar.compile(sp), sp)
+    first = engine.grammar.fill_bitmask([req])
+    kept = first.clone()
+    second = engine.grammar.fill_bitmask([req, _running("free", SamplingParams())])
+    assert torch.equal(first, kept) and second.data_ptr() != first.data_ptr()
+    assert engine.grammar.fill_bitmask([req]).data_ptr() == first.data_ptr()
+
+
+def _bitmask_of(allowed: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool -> [B, ceil(V / 32)] int32 bitmask (random bits past V)."""
+    b, v = allowed.shape
+    width = (v + 31) // 32
+    bits = torch.randint(0, 2, (b, width * 32), dtype=torch.int64)
+    bits[:, :v] = allowed.long()
+    words = (bits.view(b, width, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_apply_token_mask_matches_bool_mask():
     g = torch.Generator().manual_seed(0)
     allowed = torch.rand(3, 70, generator=g) < 0.3  # vocab not a multiple of 32
-    words = torch.zeros(3, 3, dtype=torch.int64)
-    for j in range(70):
-        words[:, j // 32] |= allowed[:, j].long() << (j % 32)
-    bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    bitmask = _bitmask_of(allowed)
     assert torch.equal(unpack_bitmask(bitmask, 70), allowed)
     logits = torch.randn(3, 70, generator=g)
-    assert torch.equal(apply_token_mask(logits, bitmask), apply_token_mask(logits, allowed))
+    assert torch.equal(apply_token_mask(logits.clone(), bitmask), apply_token_mask(logits, allowed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitmask_on_cpu_matches_torch_reference(dtype):
+    """apply_token_mask of a bitmask on the CPU (in place, numpy's unpack) against unpack_bitmask."""
+    torch.manual_seed(0)
+    for batch, vocab in [(1, 1), (2, 31), (3, 32), (4, 33), (5, 1000), (2, 151936), (1, 128256)]:
+        allowed = torch.rand(batch, vocab) < 0.5
+        bitmask = _bitmask_of(allowed)
+        logits = torch.randn(batch, vocab).to(dtype)
+        want = logits.masked_fill(~unpack_bitmask(bitmask, vocab), float("-inf"))
+        got = apply_token_mask(logits, bitmask)
+        assert got.data_ptr() == logits.data_ptr()  # in place
+        assert torch.equal(got, want), (batch, vocab)
+        assert torch.equal(unpack_bitmask(bitmask, vocab), allowed)
+    rows = _bitmask_of(torch.rand(6, 70) < 0.5)[::2]  # a strided view of rows
+    logits = torch.randn(3, 70)
+    want = logits.masked_fill(~unpack_bitmask(rows, 70), float("-inf"))
+    assert torch.equal(apply_token_mask(logits, rows), want)
 
 
 @pytest.mark.gpu
@@ -593,3 +697,18 @@ def test_gpu_cuda_graphs_and_bitmask_kernel(model_dir):
             assert out.finish_reason == "stop" and re.fullmatch(sp.regex, out.text), out.text
         else:
             assert out.finish_reason == "length"
+
+
+@pytest.mark.gpu
+def test_gpu_bitmask_is_pinned_and_matches_cpu(engine):
+    """With pin=True the reused bitmask buffer is page-locked (its copy to the device is asynchronous),
+    and the device kernel masks as the CPU path does."""
+    sp = SamplingParams(json_schema=SCHEMAS["nested"])
+    req = _running("r", sp)
+    req.grammar = engine.grammar.new_state(engine.grammar.compile(sp), sp)
+    for _ in range(3):  # both buffers, then the first again
+        bitmask = engine.grammar.fill_bitmask([req, _running("free", SamplingParams())], pin=True)
+        assert bitmask.is_pinned()
+    logits = torch.randn(2, engine.vocab_size, device="cuda")
+    want = apply_token_mask(logits.cpu(), bitmask)
+    assert torch.equal(apply_token_mask(logits, bitmask).cpu(), want)
