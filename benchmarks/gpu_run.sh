@@ -27,7 +27,7 @@ for part in "$@"; do
     prefix) timeout 300 python3 benchmarks/prefix.py --shape llama3-8b 2>&1 | grep -v Warning | tail -3 ;;
     moe) timeout 300 python3 benchmarks/throughput.py --shape qwen3-30b-a3b --skip-hf --num-prompts 512 2>&1 | grep -v Warning | tail -3 ;;
     grammar) timeout 300 python3 benchmarks/grammar.py --shape llama3-8b 2>&1 | grep -v Warning | tail -3 ;;
-    spec) timeout 560 python3 benchmarks/spec.py --work-dir /tmp/spec --data .gpudata/train.jsonl 2>&1 | grep -v Warning | tail -12 ;;
+    spec) timeout 560 python3 benchmarks/spec.py --work-dir /tmp/spec --data .gpudata/train.jsonl --target-size ${SPEC_SIZE:-medium} 2>&1 | grep -v Warning | tail -12 ;;
     flashinfer) timeout 400 python3 -m pytest -q -x -m gpu tests/kernels/test_flashinfer.py tests/engine/test_gpu.py \
                   -p no:cacheprovider 2>&1 | tail -15 ;;
     *) echo "unknown part $part" ;;

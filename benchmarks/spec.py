@@ -50,6 +50,10 @@ PRESETS = {
                  intermediate_size=256, vocab=2048, batch_size=4, lr=3e-3, eagle_batch=4),  # CPU smoke
     "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                   intermediate_size=2048, vocab=4096, batch_size=32, lr=8e-4, eagle_batch=32),  # ~80M params
+    # ~770M params (1.5 GB bf16): its decode step reads enough weights to be memory-bound, like the
+    # policies RL serves, rather than all launch overhead like "small"
+    "medium": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+                   intermediate_size=5632, vocab=4096, batch_size=32, lr=4e-4, eagle_batch=16),
 }
 # issue #11; verify_over_decode_step is an upper bound, the speedups lower bounds
 TARGETS = {"eagle_speedup_bs1": 2.0, "eagle_speedup_bs32": 1.3, "verify_over_decode_step": 1.3}
