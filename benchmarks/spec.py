@@ -20,6 +20,7 @@ target/ (HF dir: safetensors + tokenizer + pretrain.json), eagle/ (the head) and
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -53,7 +54,7 @@ PRESETS = {
     # ~770M params (1.5 GB bf16): its decode step reads enough weights to be memory-bound, like the
     # policies RL serves, rather than all launch overhead like "small"
     "medium": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
-                   intermediate_size=5632, vocab=4096, batch_size=32, lr=4e-4, eagle_batch=16),
+                   intermediate_size=5632, vocab=4096, batch_size=32, lr=2e-4, eagle_batch=16),
 }
 # issue #11; verify_over_decode_step is an upper bound, the speedups lower bounds
 TARGETS = {"eagle_speedup_bs1": 2.0, "eagle_speedup_bs32": 1.3, "verify_over_decode_step": 1.3}
@@ -141,6 +142,7 @@ def pretrain(docs: list[list[int]], heldout: list[list[int]], tok, size: str, se
     rng = random.Random(seed)
     losses: list[torch.Tensor] = []
     step, epoch, last_log, done = 0, 0, 0.0, False
+    scale, snapshot = 1.0, None
     start = time.perf_counter()
     model.train()
     while not done:
@@ -151,7 +153,16 @@ def pretrain(docs: list[list[int]], heldout: list[list[int]], tok, size: str, se
                 done = True
                 break
             frac = elapsed / seconds  # warmup over the first 5% of the time, then cosine down to 10%
-            lr = peak_lr * min(1.0, frac / 0.05) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+            lr = scale * peak_lr * min(1.0, frac / 0.05) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+            if step % 25 == 0:  # a diverged run goes back to its last finite snapshot at half the lr
+                if step and not torch.isfinite(torch.stack(losses[-25:])).all():
+                    model.load_state_dict(snapshot[0])
+                    opt.load_state_dict(snapshot[1])
+                    scale *= 0.5
+                    print(f"[pretrain] non-finite loss by step {step}: back to the snapshot, lr x{scale}",
+                          flush=True)
+                snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                            copy.deepcopy(opt.state_dict()))
             for g in opt.param_groups:
                 g["lr"] = lr
             x = rows[i:i + batch_size]  # [B, SEQ_LEN]
