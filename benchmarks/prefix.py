@@ -9,6 +9,7 @@ GPU:  python benchmarks/prefix.py --shape llama3-8b       CPU:  python benchmark
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def main() -> None:
         unique = run_grpo(engine, prompts_of(args.prompts * args.n, args.prompt_len, vocab, 1), 1, args.output_len)
         per[cache] = {"grpo": grpo, "agent": agent, "unique": unique}
         engine.shutdown()
+        del engine  # its weights and KV pool must be freed before the next engine sizes its pool
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     on, off = per[True], per[False]
     ideal_grpo = args.prompts * args.prompt_len  # one prefill per prompt
     result.update({
