@@ -144,8 +144,17 @@ def main() -> None:
         result["offline_ratio_vs_hf_generate_batch"] = tok_s / gb if isinstance(gb, float) else None
 
     model = engine.runner.model
+    cfg = engine.runner.hf_config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # MoE: a token reads (and multiplies by) only its top-k experts; dense models: active = all
+    k_of_e = getattr(cfg, "num_experts_per_tok", 1) / getattr(cfg, "num_experts", 1) if model.num_experts else 1.0
+
+    def active(p_name: str) -> float:
+        return k_of_e if ".experts." in p_name else 1.0
+
+    active_bytes = sum(p.numel() * p.element_size() * active(n) for n, p in model.named_parameters())
     result["weight_bytes"] = weight_bytes
+    result["active_weight_bytes"] = active_bytes
     # batch-1 decode
     one = prompts[:1]
     sp1 = SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True)
@@ -157,9 +166,8 @@ def main() -> None:
     if cuda:
         bw = copy_bandwidth()
         result["copy_bandwidth_GBs"] = bw / 1e9
-        result["bs1_roofline_fraction"] = bs1_tok_s * weight_bytes / bw
-        # decode step at the batch size reached: weights + KV read once per step
-        cfg = engine.runner.hf_config
+        result["bs1_roofline_fraction"] = bs1_tok_s * active_bytes / bw  # batch 1 reads the active weights
+        # decode step at the batch size reached: weights (all experts at that batch) + KV read once per step
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
         mean_ctx = args.prompt_len + args.output_len / 2
@@ -172,7 +180,7 @@ def main() -> None:
         engine.flush_cache()
         with Timer() as t:
             engine.generate(pre, SamplingParams(max_new_tokens=1))
-        n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        n_params = sum(p.numel() * active(n) for n, p in model.named_parameters() if "embed_tokens" not in n)
         tokens = args.prefill_prompts * args.prefill_len
         attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * args.prefill_prompts * (
             args.prefill_len**2 / 2)
