@@ -166,25 +166,7 @@ class Scheduler:
             if tok is None or req.status != Status.RUNNING:
                 continue  # not sampling, or finished / aborted while the step ran
             req.num_pending -= 1
-            req.output_ids.append(tok)
-            if req.cache_on_resolve:
-                req.cache_on_resolve = False
-                self._cache_prefix(req)
-            req.output_logprobs.append(lp)
-            if req.sampling.top_logprobs:
-                req.top_logprobs.append(top or {})
-            req.output_versions.append(self.version)
-            if req.grammar is not None:
-                if not accepted[i]:
-                    self.finish(req, "abort", f"token {tok} violates the request's grammar")
-                    continue
-                reason = "stop" if req.grammar.is_terminated else check_stop(req)
-            else:
-                reason = check_stop(req)
-            if reason is not None:
-                self.finish(req, reason)
-            elif req.on_token is not None:
-                req.on_token(req)
+            self._append(req, tok, lp, top, check_stop, accepted.get(i))
 
     def resolve_spec(self, batch: ScheduledBatch, rows: list[tuple[list[int], list[float], list]],
                      check_stop: Callable[[Request], str | None]) -> list[int]:
@@ -204,13 +186,15 @@ class Scheduler:
             req.num_pending -= 1
             req.num_computed -= len(drafts) - a  # rejected drafts: their slots are overwritten later
             for j in range(a + 1):
-                if not self._append(req, tokens[j], logprobs[j], tops[j] if tops else None, check_stop):
+                grammar_ok = req.grammar.accept(tokens[j]) if req.grammar is not None else None
+                if not self._append(req, tokens[j], logprobs[j], tops[j] if tops else None, check_stop, grammar_ok):
                     break
         return accepted_counts
 
     def _append(self, req: Request, tok: int, lp: float, top: dict | None,
-                check_stop: Callable[[Request], str | None]) -> bool:
-        """One sampled token of a running request; False if the request finished."""
+                check_stop: Callable[[Request], str | None], grammar_ok: bool | None) -> bool:
+        """One sampled token of a running request (grammar_ok: whether its matcher accepted the token, None
+        without a grammar); False if the request finished."""
         req.output_ids.append(tok)
         if req.cache_on_resolve:
             req.cache_on_resolve = False
@@ -220,7 +204,7 @@ class Scheduler:
             req.top_logprobs.append(top or {})
         req.output_versions.append(self.version)
         if req.grammar is not None:
-            if not req.grammar.accept(tok):
+            if not grammar_ok:
                 self.finish(req, "abort", f"token {tok} violates the request's grammar")
                 return False
             reason = "stop" if req.grammar.is_terminated else check_stop(req)
