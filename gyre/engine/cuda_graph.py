@@ -13,6 +13,18 @@ import torch
 
 from gyre.engine.layers.attention import AttentionMetadata
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream every capture on a device uses. NOTE: torch caches a cuBLAS workspace (32 MiB
+    on Hopper) per (handle, stream), allocated from the capturing graph's pool and never freed: a fresh
+    stream per capture leaked one workspace per recapture (release/resume_memory cycles)."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
 
 def batch_buckets(max_bs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
@@ -55,7 +67,7 @@ class CudaGraphRunner:
     def capture(self) -> None:
         self.graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        stream = capture_stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gyre.engine.cuda_graph import batch_buckets
+from gyre.engine.cuda_graph import batch_buckets, capture_stream
 from gyre.engine.kv_pool import KVPool
 from gyre.engine.layers.attention import AttentionBackend, AttentionMetadata, make_backend
 from gyre.engine.model_runner import ForwardContext
@@ -158,7 +158,7 @@ class StepGraphs:
     def capture(self) -> None:
         self.graphs.clear()
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        stream = capture_stream(self.kv.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
