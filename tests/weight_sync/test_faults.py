@@ -60,8 +60,8 @@ def test_trainer_dies_mid_broadcast(engine_procs, llama_dir, how):
                 with pytest.raises(WeightSyncError) as info:
                     f.result(timeout=60)
                 assert "keeps weight version" in str(info.value)
-                if how == "hang":
-                    assert "did not complete within" in str(info.value)
+                if how == "hang":  # its own timeout, or the peer rank's timeout that aborted the group first
+                    assert "did not complete within" in str(info.value) or "timed out" in str(info.value)
             elapsed = time.monotonic() - t0
         # a dead peer is seen at once; a silent one after the timeout (but not much later)
         assert elapsed < (3.0 if how == "kill" else TIMEOUT_S + 3.0), elapsed
