@@ -9,6 +9,9 @@ prepare_graph runs outside the graph before capture and before each replay (Flas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from gyre.engine.layers.attention import AttentionMetadata
@@ -24,6 +27,28 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return stream
+
+
+def capture_buckets(device: torch.device, buckets: list[int], backend, make_meta: Callable[[int], Any],
+                    forward: Callable[[Any], Any]) -> dict[int, tuple[torch.cuda.CUDAGraph, Any]]:
+    """Capture forward(meta) once per batch bucket, largest first into one memory pool (smaller graphs
+    reuse its memory), on the device's capture stream: {bs: (graph, forward's outputs)}. Each bucket's
+    backend.prepare_graph(meta) and a warm-up run (Triton autotune/compile) happen outside the capture."""
+    pool = torch.cuda.graph_pool_handle()
+    stream = capture_stream(device)
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = {}
+    with torch.cuda.stream(stream):
+        for bs in reversed(buckets):
+            meta = make_meta(bs)
+            backend.prepare_graph(meta)
+            forward(meta)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = forward(meta)
+            graphs[bs] = (graph, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    return graphs
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -46,7 +71,6 @@ class CudaGraphRunner:
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # logits, hidden
         self.buckets = batch_buckets(max_bs)
-        self.pool = None
         self.capture()
 
     def _meta(self, bs: int, seq_lens_cpu: list[int] | None = None) -> AttentionMetadata:
@@ -65,20 +89,8 @@ class CudaGraphRunner:
         return self.runner.model.compute_logits(hidden), hidden
 
     def capture(self) -> None:
-        self.graphs.clear()
-        self.pool = torch.cuda.graph_pool_handle()
-        stream = capture_stream(self.runner.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
-                meta = self._meta(bs)
-                self.runner.backend.prepare_graph(meta)
-                self._forward(meta)  # warm up (Triton autotune/compile) outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    logits, hidden = self._forward(meta)
-                self.graphs[bs] = (graph, logits, hidden)
-        torch.cuda.current_stream().wait_stream(stream)
+        graphs = capture_buckets(self.runner.device, self.buckets, self.runner.backend, self._meta, self._forward)
+        self.graphs = {bs: (graph, logits, hidden) for bs, (graph, (logits, hidden)) in graphs.items()}
 
     def can_run(self, batch_size: int, max_pages: int) -> bool:
         return batch_size <= self.max_bs and max_pages <= self.max_pages

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gyre.engine.cuda_graph import batch_buckets, capture_stream
+from gyre.engine.cuda_graph import batch_buckets, capture_buckets
 from gyre.engine.kv_pool import KVPool
 from gyre.engine.layers.attention import AttentionBackend, AttentionMetadata, make_backend
 from gyre.engine.model_runner import ForwardContext
@@ -156,20 +156,8 @@ class StepGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        self.graphs.clear()
-        pool = torch.cuda.graph_pool_handle()
-        stream = capture_stream(self.kv.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
-                meta = self._meta(bs)
-                self.kv.backend.prepare_graph(meta)
-                self._forward(meta)  # warm up (Triton autotune/compile) outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._forward(meta)
-                self.graphs[bs] = graph
-        torch.cuda.current_stream().wait_stream(stream)
+        graphs = capture_buckets(self.kv.device, self.buckets, self.kv.backend, self._meta, self._forward)
+        self.graphs = {bs: graph for bs, (graph, _) in graphs.items()}
 
     def can_run(self, batch_size: int, width: int) -> bool:
         return batch_size <= self.max_bs and width <= self.max_pages
