@@ -9,6 +9,8 @@ decode: "fixed" is the fixed 256-token split kernel plus its merge kernel (the p
 still used for large batches), "split" the flash-decoding layout (decode_num_splits splits, merged in the
 same launch), "chosen" what TritonBackend runs at that batch. The page table is max_seq_len wide, as in a
 CUDA-graph bucket. rotary_store: apply_rotary + store_kv (two launches) against rotary_store_kv (one).
+shared_prefix: GRPO-shaped batches (groups of rows sharing a prompt's KV pages), the fixed-split decode with
+and without the shared-prefix read.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import record  # noqa: E402
 
-from gyre.kernels.attention import decode_num_splits, paged_decode_attention, store_kv  # noqa: E402
+from gyre.kernels.attention import (  # noqa: E402
+    decode_num_splits,
+    paged_decode_attention,
+    shared_prefix_groups,
+    shared_prefix_max_rows,
+    store_kv,
+)
 from gyre.kernels.rotary import apply_rotary, rope_cos_sin_cache, rotary_store_kv  # noqa: E402
 
 HQ, HKV, DIM, PAGE = 32, 8, 128, 16
@@ -82,6 +90,45 @@ def decode_case(batch: int, seq_len: int, max_seq_len: int, layers: int, num_sms
     return res
 
 
+def shared_prefix_case(groups: int, rows: int, prefix: int, tail: int, max_seq_len: int, layers: int) -> dict:
+    """GRPO decode: `groups` prompts x `rows` samples; each group's rows share `prefix` tokens of KV pages and
+    own `tail` more. Plain fixed-split decode vs the shared-prefix read (shared_prefix_groups' grouping)."""
+    dev, dt = "cuda", torch.bfloat16
+    batch, pre_pages, tail_pages = groups * rows, prefix // PAGE, -(-tail // PAGE)
+    total = groups * pre_pages + batch * tail_pages
+    width = max(-(-max_seq_len // PAGE), pre_pages + tail_pages)
+    caches = [(torch.randn(total * PAGE, HKV, DIM, device=dev, dtype=dt),
+               torch.randn(total * PAGE, HKV, DIM, device=dev, dtype=dt)) for _ in range(layers)]  # fmt: skip
+    perm = torch.randperm(total).to(torch.int32)
+    table = torch.zeros(batch, width, dtype=torch.int32)
+    for b in range(batch):
+        g = b // rows
+        table[b, :pre_pages] = perm[g * pre_pages:(g + 1) * pre_pages]
+        own = groups * pre_pages + b * tail_pages
+        table[b, pre_pages:pre_pages + tail_pages] = perm[own:own + tail_pages]
+    seq_list = [prefix + tail] * batch
+    grouped = shared_prefix_groups(table, seq_list, PAGE, shared_prefix_max_rows(HQ // HKV))
+    assert grouped is not None
+    prefix_lens, group_lens = (t.to(dev) for t in grouped)
+    page_table, seq_lens = table.to(dev), torch.tensor(seq_list, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, HQ, DIM, device=dev, dtype=dt)
+    out_plain, out_shared = torch.empty_like(q), torch.empty_like(q)
+
+    def plain(layer):
+        paged_decode_attention(q, *caches[layer], page_table, seq_lens, PAGE, DIM**-0.5, out=out_plain)
+
+    def shared(layer):
+        paged_decode_attention(q, *caches[layer], page_table, seq_lens, PAGE, DIM**-0.5, out=out_shared,
+                               prefix_lens=prefix_lens, group_lens=group_lens)
+
+    res = {"plain_us": graph_time_us(plain, layers), "shared_us": graph_time_us(shared, layers)}
+    res["max_abs_diff"] = (out_plain.float() - out_shared.float()).abs().max().item()
+    res["speedup"] = res["plain_us"] / res["shared_us"]
+    kv_read = 2 * HKV * DIM * 2 * (groups * prefix + batch * tail)  # what the shared read must load at least
+    res["shared_GBs_unique_kv"] = kv_read / res["shared_us"] / 1e3
+    return res
+
+
 def rotary_case(batch: int, layers: int) -> dict:
     dev, dt = "cuda", torch.bfloat16
     cache = rope_cos_sin_cache(DIM, 8192, 500000.0, None, device=dev)
@@ -113,9 +160,11 @@ def main() -> None:
     decode = {f"b{b}_s{s}": decode_case(b, s, args.max_seq_len, args.layers, num_sms)
               for b in args.batches for s in args.seq_lens}  # fmt: skip
     rotary = {f"b{b}": rotary_case(b, args.layers) for b in args.batches}
+    shared = {f"g{g}x{r}_p{p}_t{t}": shared_prefix_case(g, r, p, t, args.max_seq_len, args.layers)
+              for g, r, p, t in ((16, 16, 1024, 64), (16, 16, 1024, 128), (4, 8, 2048, 256))}  # fmt: skip
     record("attention_kernels", {"heads": [HQ, HKV, DIM], "page_size": PAGE, "max_seq_len": args.max_seq_len,
                                  "layers": args.layers, "num_sms": num_sms, "decode": decode,
-                                 "rotary_store": rotary})  # fmt: skip
+                                 "rotary_store": rotary, "shared_prefix": shared})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (nvidia-h200 / h100): environment, GPU tests, then benchmarks, by part.
 # Usage (on the device machine): GYRE_COMMIT=<sha> bash benchmarks/gpu_run.sh PART [PART ...]
-#   parts: tests kernels throughput throughput-nohf prefix moe grammar spec flashinfer
+#   parts: tests kernels profile throughput throughput-nohf prefix moe grammar spec flashinfer
 # Optional wheels (xgrammar, flashinfer) are carried in .gpuwhl/ and installed into /tmp/site.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -22,6 +22,8 @@ for part in "$@"; do
     spec-tests) timeout 300 python3 -m pytest -q -x -m gpu tests/engine/test_spec_drafters.py tests/engine/test_spec.py \
                   -p no:cacheprovider 2>&1 | tail -15 ;;
     kernels) timeout 120 python3 benchmarks/attention_kernels.py 2>&1 | tail -3 ;;
+    profile) timeout 200 python3 benchmarks/profile_decode.py --batch 1 2>&1 | grep -v Warning | tail -30
+             timeout 200 python3 benchmarks/profile_decode.py --batch 256 --n 16 --prompt-len 1024 --top 12 2>&1 | grep -v Warning | tail -16 ;;
     throughput) timeout 560 python3 benchmarks/throughput.py --shape llama3-8b 2>&1 | grep -v Warning | tail -4 ;;
     throughput-nohf) timeout 300 python3 benchmarks/throughput.py --shape llama3-8b --skip-hf 2>&1 | grep -v Warning | tail -4 ;;
     prefix) timeout 300 python3 benchmarks/prefix.py --shape llama3-8b 2>&1 | grep -v Warning | tail -3 ;;

@@ -39,6 +39,8 @@ class EngineConfig:
     cuda_graph_max_seq_len: int = 8192  # decode batches with longer sequences run eagerly
     deterministic: bool = False
     overlap_schedule: bool = True  # host schedules step t+1 while the device runs step t
+    # decode rows sharing leading KV pages (n samples of a prompt) read them once per group (Triton backend)
+    shared_prefix_decode: bool = True
 
     # parallelism
     tp_size: int = 1

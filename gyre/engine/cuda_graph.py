@@ -1,7 +1,9 @@
 """CUDA graphs for decode steps, one per batch-size bucket, over static input buffers.
 
 A decode batch of size bs runs the graph of the smallest bucket >= bs; rows past bs are padding:
-slot -1 (their KV store is skipped), seq_len 0 (their attention is ignored), logits ignored. Graphs read
+slot -1 (their KV store is skipped), seq_len 0 (their attention is ignored), logits ignored. Buckets whose
+attention reads shared prefixes once (AttentionBackend.decodes_shared_prefix) have a second graph that
+does, replayed for batches with groups of rows sharing leading pages. Graphs read
 the model's parameters by address: weight updates copy in place, so graphs stay valid; releasing the
 weights' memory invalidates them (they are captured again on resume). The attention backend's
 prepare_graph runs outside the graph before capture and before each replay (FlashInfer plans there).
@@ -30,11 +32,12 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def capture_buckets(device: torch.device, buckets: list[int], backend, make_meta: Callable[[int], Any],
-                    forward: Callable[[Any], Any]) -> dict[int, tuple[torch.cuda.CUDAGraph, Any]]:
+                    forward: Callable[[Any], Any], pool: Any = None) -> dict[int, tuple[torch.cuda.CUDAGraph, Any]]:
     """Capture forward(meta) once per batch bucket, largest first into one memory pool (smaller graphs
-    reuse its memory), on the device's capture stream: {bs: (graph, forward's outputs)}. Each bucket's
-    backend.prepare_graph(meta) and a warm-up run (Triton autotune/compile) happen outside the capture."""
-    pool = torch.cuda.graph_pool_handle()
+    reuse its memory; `pool` to share one with other captures, never replayed concurrently), on the
+    device's capture stream: {bs: (graph, forward's outputs)}. Each bucket's backend.prepare_graph(meta)
+    and a warm-up run (Triton autotune/compile) happen outside the capture."""
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
     stream = capture_stream(device)
     stream.wait_stream(torch.cuda.current_stream())
     graphs = {}
@@ -69,15 +72,20 @@ class CudaGraphRunner:
         self.page_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.prefix_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.group_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # logits, hidden
+        self.shared_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._hidden: torch.Tensor | None = None  # of the last replayed graph
         self.buckets = batch_buckets(max_bs)
         self.capture()
 
-    def _meta(self, bs: int, seq_lens_cpu: list[int] | None = None) -> AttentionMetadata:
+    def _meta(self, bs: int, seq_lens_cpu: list[int] | None = None, shared: bool = False) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs], page_table=self.page_table[:bs], seq_lens=self.seq_lens[:bs],
             cu_seqlens_q=self.cu_seqlens_q[: bs + 1], max_q_len=1, seq_lens_cpu=seq_lens_cpu or [1] * bs,
-            q_lens_cpu=[1] * bs, is_decode=True)
+            q_lens_cpu=[1] * bs, is_decode=True, prefix_lens=self.prefix_lens[:bs] if shared else None,
+            group_lens=self.group_lens[:bs] if shared else None)
 
     @torch.inference_mode()
     def _forward(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +97,23 @@ class CudaGraphRunner:
         return self.runner.model.compute_logits(hidden), hidden
 
     def capture(self) -> None:
-        graphs = capture_buckets(self.runner.device, self.buckets, self.runner.backend, self._meta, self._forward)
+        runner, pool = self.runner, torch.cuda.graph_pool_handle()
+        graphs = capture_buckets(runner.device, self.buckets, runner.backend, self._meta, self._forward, pool)
         self.graphs = {bs: (graph, logits, hidden) for bs, (graph, (logits, hidden)) in graphs.items()}
+        shared = [bs for bs in self.buckets if bs > 1 and runner.backend.decodes_shared_prefix(bs)]
+        if runner.config.shared_prefix_decode and shared:
+            graphs = capture_buckets(runner.device, shared, runner.backend,
+                                     lambda bs: self._meta(bs, shared=True), self._forward, pool)
+            self.shared_graphs = {bs: (graph, logits, hidden) for bs, (graph, (logits, hidden)) in graphs.items()}
 
     def can_run(self, batch_size: int, max_pages: int) -> bool:
         return batch_size <= self.max_bs and max_pages <= self.max_pages
 
     def load_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                    page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        """Copy a decode batch's host tensors (page_table [bs, P]) into the static buffers."""
+                    page_table: torch.Tensor, seq_lens: torch.Tensor,
+                    shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Copy a decode batch's host tensors (page_table [bs, P]) into the static buffers; shared: its
+        (prefix_lens, group_lens), for replay(bs, shared=True)."""
         bs, width = page_table.shape
         bucket = next(b for b in self.buckets if b >= bs)
         self.input_ids[:bs].copy_(input_ids.pin_memory(), non_blocking=True)
@@ -108,15 +124,24 @@ class CudaGraphRunner:
         if bucket > bs:
             self.slot_mapping[bs:bucket].fill_(-1)
             self.seq_lens[bs:bucket].fill_(0)
+        if shared is not None:
+            self.prefix_lens[:bs].copy_(shared[0].pin_memory(), non_blocking=True)
+            self.group_lens[:bs].copy_(shared[1].pin_memory(), non_blocking=True)
+            if bucket > bs:
+                self.prefix_lens[bs:bucket].fill_(0)
+                self.group_lens[bs:bucket].fill_(0)
         self.runner.backend.prepare_graph(self._meta(bucket, seq_lens.tolist() + [0] * (bucket - bs)))
 
-    def replay(self, bs: int) -> torch.Tensor:
-        """Run the graph of the smallest bucket >= bs over the loaded inputs -> logits [bs, V]."""
+    def replay(self, bs: int, shared: bool = False) -> torch.Tensor:
+        """Run the graph of the smallest bucket >= bs over the loaded inputs -> logits [bs, V]; shared: the
+        graph reading the loaded prefix groups (when its bucket has one)."""
         bucket = next(b for b in self.buckets if b >= bs)
-        graph, logits, _ = self.graphs[bucket]
+        entry = self.shared_graphs.get(bucket) if shared else None
+        graph, logits, hidden = entry or self.graphs[bucket]
         graph.replay()
+        self._hidden = hidden
         return logits[:bs]
 
     def hidden(self, bs: int) -> torch.Tensor:
         """Final hidden states [bs, H] of the last replay (valid until the next one)."""
-        return self.graphs[next(b for b in self.buckets if b >= bs)][2][:bs]
+        return self._hidden[:bs]

@@ -334,6 +334,7 @@ class Engine:
             "kv_free_pages": self.runner.pool.num_free_pages,
             "kv_total_pages": self.runner.pool.num_usable_pages,
             "kv_cached_pages": self.cache.num_cached_pages if self.cache is not None else 0,
+            "shared_prefix_decode_steps": self.runner.num_shared_prefix_steps,  # decodes reading prefixes once
             "paused": self._paused,
             "uptime_s": time.monotonic() - self._started,
             **(self.runner.experts.stats() if self.runner.experts is not None else {}),  # MoE: expert load

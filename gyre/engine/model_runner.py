@@ -93,6 +93,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         self.graphs = None
         self.keep_hidden = False  # keep the last forward's final hidden states (a drafter reads them)
+        self.num_shared_prefix_steps = 0  # decode steps whose rows read a shared KV prefix once per group
         self.last_hidden: torch.Tensor | None = None  # [T, H], when keep_hidden
         if self.device.type == "cuda" and config.cuda_graph:
             self.init_cuda_graphs()
@@ -202,6 +203,7 @@ class ModelRunner:
         num_pages = [(n + ps - 1) // ps for n in seq_lens]
         width = max(num_pages)
         table = torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(tables, num_pages)], dtype=torch.int32)
+        groups = self._shared_prefix(table, seq_lens) if cu[-1] == len(seq_lens) else None
         return {
             "input_ids": torch.tensor(ids, dtype=torch.int64),
             "positions": torch.tensor(positions, dtype=torch.int64),
@@ -214,7 +216,23 @@ class ModelRunner:
             "logit_rows": logit_rows,
             "fill_rows": fill_rows,
             "fill_src": fill_src,
+            "prefix_lens": None if groups is None else groups[0],  # decode rows sharing leading pages
+            "group_lens": None if groups is None else groups[1],
         }
+
+    def _shared_prefix(self, table: torch.Tensor, seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(prefix_lens, group_lens) of a decode batch whose adjacent rows share leading KV pages (the n
+        samples of a prompt, the rows of a verify), when the backend reads shared prefixes once."""
+        bs = len(seq_lens)
+        if bs < 2 or not self.config.shared_prefix_decode or not self.backend.decodes_shared_prefix(bs):
+            return None
+        from gyre.kernels.attention import shared_prefix_groups, shared_prefix_max_rows
+
+        cfg = self.hf_config
+        max_rows = shared_prefix_max_rows(cfg.num_attention_heads // cfg.num_key_value_heads)
+        groups = shared_prefix_groups(table, seq_lens, self.pool.page_size, max_rows)
+        self.num_shared_prefix_steps += groups is not None
+        return groups
 
     def init_cuda_graphs(self) -> None:
         from gyre.engine.cuda_graph import CudaGraphRunner
@@ -256,9 +274,11 @@ class ModelRunner:
         bs = len(h["seq_lens_cpu"])
         if (graphs is not None and is_decode and not capture_experts
                 and graphs.can_run(bs, h["page_table"].shape[1])):
-            graphs.load_inputs(h["input_ids"], h["positions"], h["slot_mapping"], h["page_table"], h["seq_lens"])
+            shared = None if h.get("prefix_lens") is None else (h["prefix_lens"], h["group_lens"])
+            graphs.load_inputs(h["input_ids"], h["positions"], h["slot_mapping"], h["page_table"], h["seq_lens"],
+                               shared)
             self._fill_pending(graphs.input_ids[:bs], h, prev)
-            logits = graphs.replay(bs)
+            logits = graphs.replay(bs, shared is not None)
             self.last_hidden = graphs.hidden(bs) if self.keep_hidden else None
             return logits, None
         meta = AttentionMetadata(
@@ -271,6 +291,8 @@ class ModelRunner:
             q_lens_cpu=h["q_lens_cpu"],
             is_decode=is_decode,
         )
+        if h.get("prefix_lens") is not None:
+            meta.prefix_lens, meta.group_lens = self._to_device(h["prefix_lens"]), self._to_device(h["group_lens"])
         self.backend.prepare(meta)
         ctx = ForwardContext(self.backend, meta, [] if capture_experts else None)
         input_ids = self._to_device(h["input_ids"])

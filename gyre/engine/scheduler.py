@@ -303,13 +303,17 @@ class Scheduler:
         return True
 
     def _shares_pending_prefix(self, req: Request, in_prefill: list[Request]) -> bool:
+        """Whether a request in prefill may be about to cache pages of req's prompt (req then waits to match
+        them). One that matched all but its last page from the cache (the n - 1 other samples of a prompt)
+        caches nothing new: its siblings are admitted with it, in the same step."""
         if self.cache is None or not in_prefill:
             return False
         ps = self.pool.page_size
         if len(req.prompt_ids) < ps:
             return False
         head = req.token_range(0, ps)
-        return any(r.token_range(0, ps) == head for r in in_prefill)
+        return any(len(r.prompt_ids) - max(r.num_cached_tokens, 0) > ps and r.token_range(0, ps) == head
+                   for r in in_prefill)
 
     def _admit(self, req: Request) -> bool | None:
         """True: admitted; False: not now (no memory yet); None: can never run, finished with abort."""

@@ -12,10 +12,18 @@ Decode splits each sequence's KV into splits, one program per (sequence, kv head
 partial softmaxes by their log-sum-exp. Two layouts: splits of a fixed size (default; many sequences) or
 a fixed number of splits per sequence (flash-decoding, for small batches: the grid fills the GPU at
 batch 1; the last split to finish merges, so it is one launch).
+
+Shared prefix (fixed split size only): GRPO decodes n samples of a prompt whose page tables start with
+the same pages (the radix prefix cache). Rows b .. b+g-1 form a group led by row b; the splits of their
+common prefix are computed once by the leader, reading each K/V block once for the g rows, whose
+queries are stacked as the M dimension of the dot (g * Hq/Hkv rows of tensor-core work per block).
+The leader writes every group row's partials, the rows skip those splits, and the merge is unchanged.
+`shared_prefix_groups` finds the groups on the host from the page table.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +32,7 @@ import triton.language as tl
 # so a sequence's output does not depend on what else is being decoded with it.
 DECODE_SPLIT_SIZE = 256
 MAX_DECODE_SPLITS = 32  # num_splits bound of the flash-decoding layout (small batches)
+_SHARED_PREFIX_M = 64  # query rows (group rows x query heads per kv head) of a shared-prefix program
 _EVEN_BLOCK_N = 32  # KV tokens per step in that layout; its splits are whole blocks
 
 _LOG2E = 1.4426950408889634
@@ -142,6 +151,70 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: 
     return max(1, min(target, MAX_DECODE_SPLITS, triton.cdiv(max_seq_len, _EVEN_BLOCK_N)))
 
 
+def shared_prefix_max_rows(group: int) -> int:
+    """The most rows a shared-prefix group may hold at GQA group size `group` (= Hq // Hkv)."""
+    return max(1, _SHARED_PREFIX_M // group)
+
+
+def shared_prefix_groups(
+    page_table: torch.Tensor,
+    seq_lens: list[int],
+    page_size: int,
+    max_rows: int,
+    multiple: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(prefix_lens, group_lens) for `paged_decode_attention`, or None when no group saves anything.
+
+    page_table: the host int32 [B, W] table (a row's entries past its pages are padding). Groups are
+    runs of adjacent rows whose first pages are the same page ids; a group's prefix is the tokens of
+    those pages, capped by its shortest row and rounded down to a multiple of `multiple`. Greedy, left to right: the
+    prefix a row shares with the next one is its group's prefix; the group takes following rows while
+    they share all of it and it has fewer than max_rows rows; the next row starts the next group. A
+    row that shares less with the next row than that row shares with its own next one stays plain, so
+    that it does not cap the prefix of the group the next row leads (the rows of one prompt after a
+    group cut at max_rows). Groups of one row, and rows of seq_len 0, are left plain (prefix 0).
+    """
+    batch = page_table.shape[0]
+    assert page_table.dim() == 2 and page_table.dtype == torch.int32 and len(seq_lens) == batch
+    assert page_table.device.type == "cpu" and max_rows >= 1 and multiple >= 1
+    if batch < 2 or max_rows < 2:
+        return None
+    # numpy: a fraction of torch's per-op overhead at these sizes (B 1024 x W 512 in well under 1 ms)
+    table = page_table.numpy()
+    lens = np.array(seq_lens, dtype=np.int64)
+    width = min(table.shape[1], -(-int(lens.max()) // page_size))  # the pages any row uses
+    differs = np.empty((batch - 1, width + 1), dtype=bool)  # rows b and b + 1, by page; a sentinel column
+    np.not_equal(table[1:, :width], table[:-1, :width], out=differs[:, :width])
+    differs[:, width] = True
+    # tokens rows b and b + 1 share; capped by both lens, so matching padding never counts
+    tokens = np.minimum(differs.argmax(1) * page_size, np.minimum(lens[1:], lens[:-1]))
+    shared = np.concatenate([tokens // multiple * multiple, [0, 0]])  # [B + 1]: pair b, then pads
+    run_starts = np.flatnonzero(shared[1:] != shared[:-1]) + 1
+    bounds = np.concatenate([[0], run_starts, [batch + 1]])
+    run_end = np.repeat(bounds[1:], np.diff(bounds)).tolist()  # [b]: the first pair after b's run of equals
+    shared = shared.tolist()
+    # NOTE: the loop steps over runs of equal shares, not rows: a few hundred steps at B = 1024
+    sizes, prefixes, leader = [], [], 0  # consecutive segments of rows: a group or plain rows
+    while leader < batch:
+        prefix, end = shared[leader], leader + 1
+        if prefix == 0:
+            end = min(run_end[leader], batch)  # rows up to the next nonzero share are plain
+        elif prefix >= shared[leader + 1]:
+            limit = min(leader + max_rows, batch)
+            while end < limit and shared[end - 1] >= prefix:
+                end = min(run_end[end - 1] + 1, limit)
+        sizes.append(end - leader)
+        prefixes.append(prefix if end - leader > 1 else 0)
+        leader = end
+    sizes_np, prefixes_np = np.array(sizes), np.array(prefixes)
+    if not prefixes_np.any():
+        return None
+    prefix_lens = np.repeat(prefixes_np, sizes_np).astype(np.int32)
+    group_lens = np.zeros(batch, dtype=np.int32)
+    group_lens[np.cumsum(sizes_np) - sizes_np] = np.where(prefixes_np > 0, sizes_np, 0)
+    return torch.from_numpy(prefix_lens), torch.from_numpy(group_lens)
+
+
 @triton.jit
 def _merge_splits(
     mid_o_ptr,
@@ -209,6 +282,7 @@ def _decode_split_kernel(
     mid_o_ptr,  # [B, Hq, S, D] float32
     mid_lse_ptr,  # [B, Hq, S] float32, log2 units
     o_ptr,  # [B, Hq, D]: written here when SPLIT_SIZE == 0
+    prefix_lens_ptr,  # [B] int32, read when SHARED_PREFIX: splits below it are the group leader's
     lock_ptr,  # [B * Hkv] int32 arrival counters, zero before and after a launch (SPLIT_SIZE == 0)
     qk_scale,  # sm_scale * log2(e)
     page_size,
@@ -236,6 +310,7 @@ def _decode_split_kernel(
     MERGE_G: tl.constexpr,
     MERGE_S: tl.constexpr,
     PRECISION: tl.constexpr,
+    SHARED_PREFIX: tl.constexpr,  # (SPLIT_SIZE > 0 only) skip the splits _decode_shared_prefix_kernel writes
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -246,8 +321,13 @@ def _decode_split_kernel(
     else:  # whole blocks, so that every split but the last is full
         split_size = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_size
-    if start < seq_len:
-        end = tl.minimum(start + split_size, seq_len)
+    end = tl.minimum(start + split_size, seq_len)
+    empty = False  # this split lies in the row's prefix but is merged as the row's own: an empty partial
+    if SHARED_PREFIX:  # the group leader computed positions < prefix (_decode_shared_prefix_kernel)
+        prefix = tl.load(prefix_lens_ptr + b)
+        empty = (start < prefix) & (prefix < start + split_size) & (prefix == seq_len)
+        start = tl.maximum(start, prefix)
+    if start < end:
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         mask_g = offs_g < GROUP
@@ -309,6 +389,108 @@ def _decode_split_kernel(
             stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
             GROUP, HEAD_DIM, MERGE_G, MERGE_S, BLOCK_D,
         )  # fmt: skip
+    if empty:
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < GROUP
+        heads = kv_head * GROUP + offs_g
+        mo = mid_o_ptr + b.to(tl.int64) * stride_mob + heads[:, None] * stride_moh + split * stride_mos
+        tl.store(mo + offs_d[None, :], tl.zeros([BLOCK_G, BLOCK_D], tl.float32),
+                 mask=mask_g[:, None] & (offs_d[None, :] < HEAD_DIM))
+        ml = mid_lse_ptr + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split
+        tl.store(ml, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=mask_g)
+
+
+@triton.jit
+def _decode_shared_prefix_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    page_table_ptr,
+    seq_lens_ptr,
+    prefix_lens_ptr,  # [B] int32
+    group_lens_ptr,  # [B] int32: g > 0 leads rows b .. b+g-1, 0 otherwise
+    mid_o_ptr,  # [B, Hq, S, D] float32
+    mid_lse_ptr,  # [B, Hq, S] float32, log2 units
+    qk_scale,  # sm_scale * log2(e)
+    page_size,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_pt,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The partials of one prefix split for every row of a group, the K/V read once (leader's pages). A
+    split the prefix ends inside is written to each row's extra partial, index cdiv(seq_len, SPLIT_SIZE)
+    (the row's own program computes the rest of that split)."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_rows = tl.load(group_lens_ptr + b)
+    prefix = tl.load(prefix_lens_ptr + b)
+    start = split * SPLIT_SIZE
+    if (num_rows > 0) & (start < prefix):
+        end = tl.minimum(start + SPLIT_SIZE, prefix)
+        offs_m = tl.arange(0, BLOCK_M)  # m = row_in_group * GROUP + head_in_group
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < num_rows * GROUP
+        mask_d = offs_d < HEAD_DIM
+        rows = (b + offs_m // GROUP).to(tl.int64)
+        heads = kv_head * GROUP + offs_m % GROUP
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_D]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        pt_row = page_table_ptr + b.to(tl.int64) * stride_pt
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            mask_n = pos < end
+            page = tl.load(pt_row + pos // page_size, mask=mask_n, other=0).to(tl.int64)
+            slot = page * page_size + pos % page_size
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(
+                k_cache_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )  # [BLOCK_N, BLOCK_D]
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_cache_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        # a whole split is the rows' split `split`; the prefix's last, partial one their extra partial
+        extra = tl.cdiv(tl.load(seq_lens_ptr + rows, mask=mask_m, other=0), SPLIT_SIZE)
+        part = tl.where(end == start + SPLIT_SIZE, split, extra)  # [BLOCK_M]
+        mo = mid_o_ptr + rows[:, None] * stride_mob + heads[:, None] * stride_moh + part[:, None] * stride_mos
+        tl.store(mo + offs_d[None, :], acc / l_i[:, None], mask=mask_m[:, None] & mask_d[None, :])
+        ml = mid_lse_ptr + rows * stride_mlb + heads * stride_mlh + part
+        tl.store(ml, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
@@ -317,6 +499,7 @@ def _decode_reduce_kernel(
     mid_lse_ptr,
     o_ptr,
     seq_lens_ptr,
+    prefix_lens_ptr,  # read when SHARED_PREFIX: a prefix ending inside a split adds an extra partial
     stride_mob,
     stride_moh,
     stride_mos,
@@ -330,9 +513,12 @@ def _decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT_SIZE: tl.constexpr,
+    SHARED_PREFIX: tl.constexpr,
 ):
     b = tl.program_id(0)
     num_splits = tl.cdiv(tl.load(seq_lens_ptr + b), SPLIT_SIZE)
+    if SHARED_PREFIX:
+        num_splits += (tl.load(prefix_lens_ptr + b) % SPLIT_SIZE != 0).to(tl.int32)
     _merge_splits(
         mid_o_ptr, mid_lse_ptr, o_ptr, b, tl.program_id(1), num_splits,
         stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
@@ -353,6 +539,8 @@ def paged_decode_attention(
     num_splits: int | None = None,
     locks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    prefix_lens: torch.Tensor | None = None,
+    group_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence. q [B, Hq, D] -> out [B, Hq, D] (q.dtype).
 
@@ -363,6 +551,12 @@ def paged_decode_attention(
     most num_splits splits of whole 32-token blocks; the last split of each (sequence, kv head) to
     finish merges them, so the attention is one launch. locks: int32 [>= B * Hkv] zeros (left zeroed;
     allocated when None). out: optional preallocated [B, Hq, D] output.
+    prefix_lens, group_lens (fixed split size only; int32 [B], see shared_prefix_groups): group_lens[b]
+    = g > 0 makes row b the leader of rows b .. b+g-1 (g <= shared_prefix_max_rows(Hq // Hkv)), which
+    all have prefix_lens[b] (<= their seq_lens) and the same page ids over positions [0, prefix_lens[b]);
+    the leader computes the partials of their prefix splits once for all (a split the prefix ends inside:
+    the leader's part is merged as one more partial of each row).
+    Every row with prefix_lens > 0 must be in a group. Same result as without them.
     """
     batch, num_q_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache, page_table, seq_lens)
@@ -373,6 +567,13 @@ def paged_decode_attention(
     assert split_size >= 16 and split_size & (split_size - 1) == 0, "split_size: a power of 2 >= 16"
     group = num_q_heads // num_kv_heads
     out = _check_out(out, q)
+    shared_prefix = prefix_lens is not None
+    assert (group_lens is not None) == shared_prefix, "prefix_lens and group_lens go together"
+    if shared_prefix:
+        assert num_splits is None, "shared prefixes need the fixed split size"
+        for t in (prefix_lens, group_lens):
+            assert t.shape == (batch,) and t.dtype == torch.int32 and t.is_contiguous(), (t.shape, t.dtype)
+            assert t.device == q.device
     if batch == 0:
         return out
     block_d = _block_d(head_dim)
@@ -391,12 +592,26 @@ def paged_decode_attention(
         assert locks.device == q.device
         grid_splits, block_n, kernel_split_size = num_splits, _EVEN_BLOCK_N, 0
         merge_s = min(merge_s, triton.next_power_of_2(num_splits))
-    mid_o = torch.empty(batch, num_q_heads, grid_splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(batch, num_q_heads, grid_splits, dtype=torch.float32, device=q.device)
+    slots = grid_splits + shared_prefix  # a prefix ending inside a split adds a partial past a row's splits
+    mid_o = torch.empty(batch, num_q_heads, slots, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(batch, num_q_heads, slots, dtype=torch.float32, device=q.device)
     strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
                out.stride(0), out.stride(1))  # fmt: skip
+    if shared_prefix:
+        block_m = max(16, triton.next_power_of_2(shared_prefix_max_rows(group) * group))
+        _decode_shared_prefix_kernel[(batch, num_kv_heads, grid_splits)](
+            q, k_cache, v_cache, page_table, seq_lens, prefix_lens, group_lens, mid_o, mid_lse,
+            sm_scale * _LOG2E, page_size,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            page_table.stride(0), *strides[:5],
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+            SPLIT_SIZE=split_size, PRECISION=_precision(q.dtype),
+            num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=2,
+        )  # fmt: skip
     _decode_split_kernel[(batch, num_kv_heads, grid_splits)](
         q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
+        prefix_lens if shared_prefix else seq_lens,  # (unused without shared prefixes)
         locks if locks is not None else seq_lens,  # (unused with a fixed split size)
         sm_scale * _LOG2E, page_size, grid_splits,
         q.stride(0), q.stride(1),
@@ -404,13 +619,13 @@ def paged_decode_attention(
         page_table.stride(0), *strides,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=block_n, SPLIT_SIZE=kernel_split_size, MERGE_G=merge_g, MERGE_S=merge_s,
-        PRECISION=_precision(q.dtype), num_warps=4, num_stages=2,
+        PRECISION=_precision(q.dtype), SHARED_PREFIX=shared_prefix, num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits is None:
         _decode_reduce_kernel[(batch, num_kv_heads)](
-            mid_o, mid_lse, out, seq_lens, *strides,
+            mid_o, mid_lse, out, seq_lens, prefix_lens if shared_prefix else seq_lens, *strides,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_G=merge_g, BLOCK_S=merge_s, BLOCK_D=block_d,
-            SPLIT_SIZE=split_size, num_warps=4,
+            SPLIT_SIZE=split_size, SHARED_PREFIX=shared_prefix, num_warps=4,
         )  # fmt: skip
     return out
 

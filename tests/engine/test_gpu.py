@@ -75,3 +75,23 @@ def test_weight_update_keeps_cuda_graphs_valid(model_dirs):
         restored = eng.generate([prompt], GREEDY)[0]
     assert after.weight_version == 1 and restored.output_ids == before.output_ids
     assert after.output_logprobs != before.output_logprobs
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_shared_prefix_decode_matches_plain(model_dirs, cuda_graph):
+    """3 prompts x 8 samples (24 decode rows: the fixed-split decode on any GPU): each prompt's samples read
+    its shared pages once per group; tokens and logprobs as with the shared-prefix read off."""
+    path = model_dirs["llama"]
+    prompts = random_prompts([600, 300, 530], seed=41)
+    sp = SamplingParams(max_new_tokens=20, temperature=1.0, n=8, seed=9, ignore_eos=True)
+    runs = {}
+    for shared in (True, False):
+        with Engine(path, device="cuda", dtype="float32", page_size=16, max_num_tokens=16384,
+                    cuda_graph=cuda_graph, shared_prefix_decode=shared) as eng:
+            runs[shared] = (eng.generate(prompts, sp), eng.stats())
+            eng.call(eng.check_integrity)
+    (on, s_on), (off, s_off) = runs[True], runs[False]
+    assert s_on["shared_prefix_decode_steps"] >= 15 and s_off["shared_prefix_decode_steps"] == 0
+    for a, b in zip(on, off):
+        assert a.output_ids == b.output_ids
+        assert max(abs(x - y) for x, y in zip(a.output_logprobs, b.output_logprobs)) < 1e-3

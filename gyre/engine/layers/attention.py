@@ -27,6 +27,10 @@ class AttentionMetadata:
     q_lens_cpu: list[int]
     is_decode: bool  # every sequence has exactly one new token
     extra: dict = field(default_factory=dict)  # backend-private, filled by backend.prepare
+    # decode rows whose page tables share leading pages, grouped by gyre.kernels.attention.shared_prefix_groups
+    # (int32 [B] each): a backend that decodes_shared_prefix(B) reads each group's prefix once; others ignore them
+    prefix_lens: torch.Tensor | None = None
+    group_lens: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -48,6 +52,11 @@ class AttentionBackend:
         """prepare() of a CUDA-graph decode step, run outside the graph before it is captured and before
         each replay. meta holds the graph's static buffers for its whole bucket; seq_lens_cpu has the real
         lengths, 0 on padding rows. Only state the captured kernels read from fixed addresses may change."""
+
+    def decodes_shared_prefix(self, batch_size: int) -> bool:
+        """Whether a decode batch of batch_size reads the prefix_lens / group_lens of its metadata (static
+        per batch bucket, so a CUDA graph captures the choice)."""
+        return False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, scale: float,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Rotary is fused with the KV store (fuses_rotary): one launch rotates q in place and writes rotated k and v
 into the pool. Decode with few (sequence, kv head) pairs, e.g. batch 1, uses the flash-decoding layout
 (a fixed number of splits per sequence, merged in the same launch) so that the grid fills the GPU.
+Larger decode batches read a KV prefix shared by adjacent rows (the n samples of a prompt) once per group
+when the metadata carries prefix_lens / group_lens (gyre.kernels.attention.shared_prefix_groups).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class TritonBackend(AttentionBackend):
         # NOTE: so one decode at a time per backend: launches on one stream (a graph replays in its order)
         self.decode_locks = torch.zeros(2 * self.num_sms, dtype=torch.int32, device=dev)
 
+    def decodes_shared_prefix(self, batch_size: int) -> bool:
+        """The fixed-split decode (enough (sequence, kv head) programs to fill the GPU) groups rows sharing a
+        prefix; the small-batch flash-decoding layout does not."""
+        return batch_size * self.pool.num_kv_heads >= self.num_sms // 4
+
     def forward(self, q, k, v, layer_id, scale, meta, rope=None):
         k_cache, v_cache = self.pool.k_cache[layer_id], self.pool.v_cache[layer_id]
         if rope is None:
@@ -40,8 +47,9 @@ class TritonBackend(AttentionBackend):
         bs, num_kv_heads = q.shape[0], k_cache.shape[1]
         # H200, 8 KV heads (benchmarks/attention_kernels.py): the in-kernel split wins at batch 1 (6.2 vs
         # 10.3 us at 512 tokens, 15.9 vs 15.2 at 4096) and loses from batch 8 (56.6 vs 44.2 us at 4096)
-        if bs * num_kv_heads >= self.num_sms // 4:  # enough programs with fixed-size splits
-            return paged_decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens, ps, scale)
+        if self.decodes_shared_prefix(bs):  # enough programs with fixed-size splits
+            return paged_decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens, ps, scale,
+                                          prefix_lens=meta.prefix_lens, group_lens=meta.group_lens)
         # NOTE: static shapes only (bs is the graph bucket, page_table.shape[1] its fixed width)
         num_splits = decode_num_splits(bs, num_kv_heads, meta.page_table.shape[1] * ps, self.num_sms)
         return paged_decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens, ps, scale,
