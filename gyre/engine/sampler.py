@@ -14,7 +14,7 @@ import torch
 
 from gyre.engine.grammar import apply_token_mask
 from gyre.engine.request import Request
-from gyre.kernels.sampling import logprobs_of, logprobs_of_ref, sample, sample_ref
+from gyre.kernels.sampling import logprobs_of_ref, sample_and_logprobs, sample_ref
 
 
 @dataclass
@@ -59,8 +59,13 @@ class Sampler:
         on_gpu = dev.type == "cuda"
         args = (logits, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), min_p.contiguous(),
                 seeds.contiguous(), steps.contiguous())
-        tokens = sample(*args) if on_gpu else sample_ref(*args)
-        chosen = (logprobs_of if on_gpu else logprobs_of_ref)(logits, tokens, args[1])
+        if on_gpu:
+            vocab = logits.shape[1]
+            filtered = any(0 < s.top_k < vocab or s.top_p < 1.0 or s.min_p > 0.0 for s in sp)
+            tokens, chosen = sample_and_logprobs(*args, filtered=filtered)
+        else:
+            tokens = sample_ref(*args)
+            chosen = logprobs_of_ref(logits, tokens, args[1])
         counts = [s.top_logprobs for s in sp]
         top_values = top_ids = None
         if max(counts) > 0:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gyre.kernels.random import gumbel_noise
-from gyre.kernels.sampling import logprobs_of, logprobs_of_ref, sample, sample_ref
+from gyre.kernels.sampling import logprobs_of, logprobs_of_ref, sample, sample_and_logprobs, sample_ref
 
 
 def _random_params(batch, vocab, gen):
@@ -137,3 +137,25 @@ def test_logprobs_of(case, vocab):
     got = logprobs_of(logits.to(case.device), tokens.to(case.device), temperature.to(case.device), out=out)
     assert got is out
     torch.testing.assert_close(got.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [7, 2500, 9000])  # 9000: three chunks of the vocabulary
+@pytest.mark.parametrize("filtered", [False, True])
+def test_sample_and_logprobs_split_over_the_vocabulary(case, vocab, filtered):
+    """The split kernels: tokens equal sample_ref's (the row kernel's when filters are on), logprobs
+    logprobs_of_ref's of those tokens."""
+    gen = torch.Generator().manual_seed(vocab + filtered)
+    batch = 24
+    logits = _random_logits(batch, vocab, gen)
+    params = list(_random_params(batch, vocab, gen))
+    if not filtered:  # no row filters: the split kernels sample
+        params[1] = torch.zeros(batch, dtype=torch.int32)
+        params[2] = torch.ones(batch)
+        params[3] = torch.zeros(batch)
+    ref = sample_ref(logits, *params)
+    ref_logprobs = logprobs_of_ref(logits, ref, params[0])
+    tokens, logprobs = sample_and_logprobs(logits.to(case.device), *[p.to(case.device) for p in params],
+                                           filtered=filtered)
+    mismatched = torch.nonzero(tokens.cpu() != ref)[:, 0].tolist()
+    assert mismatched == [], f"rows {mismatched}: {tokens.cpu()[mismatched]} != {ref[mismatched]}"
+    case.close(logprobs.cpu(), ref_logprobs)
