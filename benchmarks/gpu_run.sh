@@ -19,7 +19,7 @@ for part in "$@"; do
   case $part in
     tests) timeout 400 python3 -m pytest -q -x -m gpu tests/kernels tests/engine/test_gpu.py tests/weight_sync/test_gpu.py \
              -p no:cacheprovider 2>&1 | tail -15 ;;
-    spec-tests) timeout 300 python3 -m pytest -q -x -m gpu tests/engine/test_spec_drafters.py tests/engine/test_spec.py \
+    spec-tests) timeout 300 python3 -m pytest -q -x -m gpu tests/engine/test_spec_drafters.py tests/engine/test_spec.py tests/engine/test_spec_fused.py \
                   -p no:cacheprovider 2>&1 | tail -15 ;;
     kernels) timeout 120 python3 benchmarks/attention_kernels.py 2>&1 | tail -3 ;;
     profile) timeout 200 python3 benchmarks/profile_decode.py --batch 1 2>&1 | grep -v Warning | tail -30
@@ -29,7 +29,7 @@ for part in "$@"; do
     prefix) timeout 300 python3 benchmarks/prefix.py --shape llama3-8b 2>&1 | grep -v Warning | tail -3 ;;
     moe) timeout 300 python3 benchmarks/throughput.py --shape qwen3-30b-a3b --skip-hf --num-prompts 512 2>&1 | grep -v Warning | tail -3 ;;
     grammar) timeout 300 python3 benchmarks/grammar.py --shape llama3-8b 2>&1 | grep -v Warning | tail -3 ;;
-    spec) timeout 560 python3 benchmarks/spec.py --work-dir /tmp/spec --data .gpudata/train.jsonl --target-size ${SPEC_SIZE:-medium} 2>&1 | grep -v Warning | tail -12 ;;
+    spec) timeout 560 python3 benchmarks/spec.py --work-dir /tmp/spec --data .gpudata/train.jsonl --target-size ${SPEC_SIZE:-medium} ${SPEC_ARGS:-} 2>&1 | grep -v Warning | tail -12 ;;
     flashinfer) timeout 400 python3 -m pytest -q -x -m gpu tests/kernels/test_flashinfer.py tests/engine/test_gpu.py \
                   -p no:cacheprovider 2>&1 | tail -15 ;;
     *) echo "unknown part $part" ;;

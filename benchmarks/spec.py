@@ -279,6 +279,53 @@ def run(engine: Engine, prompts: list[list[int]], batch: int, temperature: float
     return res, [o.output_ids for o in outs]
 
 
+def device_costs(engine: Engine, k: int, context: int = 300, reps: int = 100) -> dict | None:
+    """GPU milliseconds per replay of captured graphs, back to back (no host work in them): the target's
+    decode at batch 1, its decode over 1 + k rows (a verify's forward), and the fused EAGLE step at batch 1
+    (k - 1 draft steps, the verify, sampling, acceptance and the catch-up). Every row is set at position
+    `context` over free pages (the cache is flushed and nothing runs, so the KV written is scratch)."""
+    if not torch.cuda.is_available():
+        return None
+    engine.flush_cache()
+
+    def fn() -> dict:
+        runner, out = engine.runner, {}
+        graphs, ps = runner.graphs, runner.pool.page_size
+        pages = torch.arange(1, context // ps + 2, dtype=torch.int32, device=runner.device)
+        slot = int(pages[context // ps]) * ps + context % ps
+
+        def time_it(graph) -> float:
+            for _ in range(5):
+                graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / reps
+
+        if graphs is not None:
+            for rows in (1, k + 1):
+                bucket = next(b for b in graphs.buckets if b >= rows)
+                graphs.page_table[:bucket, :len(pages)] = pages
+                graphs.seq_lens[:bucket] = 0
+                graphs.seq_lens[:rows] = torch.arange(context + 1, context + 1 + rows, dtype=torch.int32)
+                graphs.slot_mapping[:bucket] = -1
+                graphs.slot_mapping[:rows] = torch.arange(slot, slot + rows)
+                out["decode_bs1" if rows == 1 else f"decode_{rows}_rows"] = time_it(graphs.graphs[bucket][0])
+        fused = getattr(engine.spec.drafter, "fused", None) if engine.spec is not None else None
+        if fused is not None and (1, False) in fused.graphs:
+            from gyre.engine.spec.fused import COUNT, START
+
+            fused.table[0, :len(pages)] = pages
+            fused.ints[0, START], fused.ints[0, COUNT] = context, k
+            out["fused_eagle_bs1"] = time_it(fused.graphs[(1, False)])
+        return out
+
+    return engine.call(fn)
+
+
 def measure(method: str, target: Path, eagle: Path, prompts: list[list[int]], args, overrides: dict
             ) -> tuple[dict, dict[str, list[list[int]]]]:
     """One engine for `method`: batch 1 greedy and temperature 1, then each larger batch size greedy."""
@@ -302,6 +349,9 @@ def measure(method: str, target: Path, eagle: Path, prompts: list[list[int]], ar
                 print(f"[measure] {method:5s} {name:6s} {r['tok_s']:9.1f} tok/s  step {r['step_ms']:.2f} ms  "
                       f"accept_len {r['mean_accept_len']}", flush=True)
         res["engine_stats"] = {k: v for k, v in engine.stats().items() if k.startswith("spec_")}
+        if method in ("none", "eagle"):
+            res["device_ms"] = device_costs(engine, args.num_tokens)
+            print(f"[measure] {method:5s} graph replays (ms): {res['device_ms']}", flush=True)
     finally:
         engine.shutdown()
         del engine
@@ -336,6 +386,12 @@ def summarize(per: dict, ids: dict, max_bs: int) -> dict:
         out["decode_step_ms"] = base["bs1"]["step_ms"]
         out["spec_verify_step_ms"] = per["eagle"]["bs1"]["step_ms"]  # draft + verify, wall time per step
         out["verify_over_decode_step"] = out["spec_verify_step_ms"] / out["decode_step_ms"]
+    dev = (per.get("eagle") or {}).get("device_ms") or {}
+    if dev.get("decode_bs1"):  # GPU time alone (graph replays), the host's share of a step left out
+        rows = next((key for key in dev if key.endswith("_rows")), None)
+        out["verify_forward_over_decode_gpu"] = dev[rows] / dev["decode_bs1"] if rows else None
+        out["fused_step_over_decode_gpu"] = (dev["fused_eagle_bs1"] / dev["decode_bs1"]
+                                             if dev.get("fused_eagle_bs1") else None)
     values = {"eagle_speedup_bs1": out.get("eagle_speedup_bs1"),
               "eagle_speedup_bs32": out.get(f"eagle_speedup_bs{max_bs}"),
               "verify_over_decode_step": out.get("verify_over_decode_step")}

@@ -55,6 +55,9 @@ class EngineConfig:
     spec_draft_path: str | None = None  # the draft LM or EAGLE head directory ("draft" / "eagle")
     spec_on_weight_update: str = "disable"  # a model draft after new target weights: "disable" until
     # Engine.load_draft gives a new one, or "keep" drafting with the old one (stale, knowingly)
+    # EAGLE: a step of decoding requests drafts, verifies, accepts and catches up on the device in one launch
+    # (gyre.engine.spec.fused; one CUDA graph per batch bucket); False: the host drives each part
+    spec_fused: bool = True
 
     # weight updates
     weight_update_timeout_s: float = 60.0

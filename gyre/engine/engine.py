@@ -472,9 +472,12 @@ class Engine:
             return
         t0 = time.perf_counter()
         try:
-            self.spec.attach(batch)
-            masks = self.spec.masks(batch, pin=self.runner.device.type == "cuda")
-            handle = self.runner.launch(batch, None, masks)
+            handle = self.spec.launch_fused(batch)  # drafts and catch-up on the device, or None
+            fused = handle is not None
+            if not fused:
+                self.spec.attach(batch)
+                masks = self.spec.masks(batch, pin=self.runner.device.type == "cuda")
+                handle = self.runner.launch(batch, None, masks)
             out = handle.wait()
         except Exception as e:  # a failed step ends its requests, never the engine
             self._fail(batch, e)
@@ -487,7 +490,7 @@ class Engine:
         before = sum(len(r.output_ids) for r in batch.reqs)
         accepted = self.scheduler.resolve_spec(batch, rows, self._check_stop)
         self._tokens_generated += sum(len(r.output_ids) for r in batch.reqs) - before
-        hidden = self.runner.last_hidden if self.spec.needs_hidden else None
+        hidden = self.runner.last_hidden if self.spec.needs_hidden and not fused else None
         self.spec.after_step(batch, handle.starts, accepted, hidden, time.perf_counter() - t0)
 
     def _grammar_masks(self, batch) -> Callable[[], torch.Tensor] | None:

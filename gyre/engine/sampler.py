@@ -56,23 +56,34 @@ class Sampler:
             floats, ints = floats.pin_memory().to(dev, non_blocking=True), ints.pin_memory().to(dev, non_blocking=True)
         temperature, top_p, min_p = floats.unbind(1)
         top_k, seeds, steps = ints[:, 0].to(torch.int32), ints[:, 1], ints[:, 2]
-        on_gpu = dev.type == "cuda"
-        args = (logits, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), min_p.contiguous(),
+        args = (temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), min_p.contiguous(),
                 seeds.contiguous(), steps.contiguous())
-        if on_gpu:
-            vocab = logits.shape[1]
-            filtered = any(0 < s.top_k < vocab or s.top_p < 1.0 or s.min_p > 0.0 for s in sp)
-            tokens, chosen = sample_and_logprobs(*args, filtered=filtered)
-        else:
-            tokens = sample_ref(*args)
-            chosen = logprobs_of_ref(logits, tokens, args[1])
+        tokens, chosen = sample_rows(logits, *args, filtered=is_filtered(sp, logits.shape[1]))
         counts = [s.top_logprobs for s in sp]
         top_values = top_ids = None
         if max(counts) > 0:
-            t_eff = torch.where(args[1] > 0, args[1], torch.ones_like(args[1]))
+            t_eff = torch.where(args[0] > 0, args[0], torch.ones_like(args[0]))
             logp = torch.log_softmax(logits / t_eff[:, None], dim=-1)
             top_values, top_ids = torch.topk(logp, max(counts), dim=-1)
         return DeviceSample(tokens, chosen, top_values, top_ids, counts)
+
+
+def is_filtered(params, vocab: int) -> bool:
+    """Whether any of these SamplingParams truncates the distribution (top-k, top-p or min-p)."""
+    return any(0 < s.top_k < vocab or s.top_p < 1.0 or s.min_p > 0.0 for s in params)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                filtered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and their logprobs of every row, from per-row device tensors (contiguous [B]; top_k int32,
+    seeds and steps int64): the Triton kernels on CUDA, the torch references elsewhere. No host sync, so a
+    CUDA graph may capture it (filtered, a host fact, picks the token kernel)."""
+    args = (logits, temperature, top_k, top_p, min_p, seeds, steps)
+    if logits.is_cuda:
+        return sample_and_logprobs(*args, filtered=filtered)
+    tokens = sample_ref(*args)
+    return tokens, logprobs_of_ref(logits, tokens, temperature)
 
 
 def to_host(d: DeviceSample) -> SampleOutput:

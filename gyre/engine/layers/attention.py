@@ -80,15 +80,23 @@ class TorchBackend(AttentionBackend):
             masks.append(mask.to(meta.slot_mapping.device))
         meta.extra["kv_slots"], meta.extra["masks"] = slots, masks
         meta.extra["cu"] = meta.cu_seqlens_q.tolist()
+        # slot -1: a row whose KV is not stored (padding, a masked draft row), as the GPU kernels skip it
+        store = (meta.slot_mapping >= 0).nonzero()[:, 0]
+        meta.extra["store"] = None if store.numel() == meta.slot_mapping.numel() else store
 
     def forward(self, q, k, v, layer_id, scale, meta):
         k_cache, v_cache = self.pool.k_cache[layer_id], self.pool.v_cache[layer_id]
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-        out = torch.empty_like(q)
-        group = q.shape[1] // k.shape[1]
+        slot_mapping, store = meta.slot_mapping, meta.extra.get("store")
+        if store is not None:
+            slot_mapping, k, v = slot_mapping[store], k[store], v[store]
+        k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        out = torch.zeros_like(q)  # rows with no KV to read (seq_len 0) stay zero
+        group = q.shape[1] // k_cache.shape[1]
         cu = meta.extra["cu"]
         for b, slots in enumerate(meta.extra["kv_slots"]):
+            if slots.numel() == 0:
+                continue
             qb = q[cu[b]:cu[b + 1]].transpose(0, 1)  # [Hq, q_len, D]
             kb = k_cache[slots].transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, L, D]
             vb = v_cache[slots].transpose(0, 1).repeat_interleave(group, dim=0)

@@ -109,10 +109,12 @@ class _ModelDrafter(Drafter):
 
 @dataclass
 class _EagleState:
+    """Where a request's drafting state is: its row `slot` of EagleDrafter.features (the head's guess of
+    h_{pos+1}) and .tokens (argmax lm_head of that feature: the draft of x_{pos+2} = x_{len(all_ids)})."""
+
     req: Request
     pos: int  # its catch-up row; current while pos == len(all_ids) - 2
-    feature: torch.Tensor  # [H]: the head's guess of h_{pos+1}
-    token: torch.Tensor  # []: argmax lm_head(feature), the draft of x_{pos+2} = x_{len(all_ids)}
+    slot: int
 
 
 class EagleDrafter(_ModelDrafter):
@@ -139,6 +141,66 @@ class EagleDrafter(_ModelDrafter):
         kv = DraftKV(runner, 1, cfg.num_key_value_heads, _head_dim(cfg))
         hidden = (cfg.hidden_size, runner.dtype)  # the feature fed back by each draft step
         super().__init__(runner, config, kv, int(cfg.max_position_embeddings), hidden)
+        # per-request state on the device, one row per slot; the last row is scratch (padding rows write it)
+        num_slots = config.max_running_requests + 2
+        self.features = torch.zeros(num_slots, cfg.hidden_size, dtype=runner.dtype, device=runner.device)
+        self.tokens = torch.zeros(num_slots, dtype=torch.int64, device=runner.device)
+        self.scratch_slot = num_slots - 1
+        self.free_slots = list(range(num_slots - 2, -1, -1))
+        self.fused = None  # gyre.engine.spec.fused.FusedEagle: drafting, verify and catch-up in one launch
+        if config.spec_fused and runner.config.attention_backend in ("auto", "torch", "triton") \
+                and not config.deterministic:
+            from gyre.engine.spec.fused import FusedEagle
+
+            self.fused = FusedEagle(self, runner, config)
+
+    def _purge(self) -> None:
+        for rid in [rid for rid, st in self.states.items() if st.req.is_finished]:
+            self.free_slots.append(self.states.pop(rid).slot)
+
+    def _set_state(self, req: Request, pos: int) -> int | None:
+        """The slot that will hold req's state at catch-up row pos (its old one, or a free one)."""
+        st = self.states.get(req.request_id)
+        if st is None:
+            if not self.free_slots:
+                self._purge()
+                if not self.free_slots:
+                    return None
+            st = _EagleState(req, pos, self.free_slots.pop())
+            self.states[req.request_id] = st
+        st.req, st.pos = req, pos
+        return st.slot
+
+    def _store(self, lasts: list[tuple[Request, int, int]], features: torch.Tensor,
+               tokens: torch.Tensor | None) -> None:
+        """New states: lasts[i] = (request, row of features, catch-up position); tokens: argmax of the rows'
+        logits (computed here when None)."""
+        pick = self.kv.to_device([row for _, row, _ in lasts], torch.int64)
+        keep = features.index_select(0, pick)
+        picked = tokens.index_select(0, pick) if tokens is not None else \
+            self.runner.model.compute_logits(keep).argmax(-1)
+        slots = [self._set_state(req, pos) for req, _, pos in lasts]
+        ok = [i for i, s in enumerate(slots) if s is not None]
+        if len(ok) < len(slots):  # no free slot (more live states than requests can run): no draft for it
+            keep, picked = keep[ok], picked[ok]
+            slots = [slots[i] for i in ok]
+        if slots:
+            idx = self.kv.to_device(slots, torch.int64)
+            self.features.index_copy_(0, idx, keep)
+            self.tokens.index_copy_(0, idx, picked)
+
+    def on_memory_released(self) -> None:
+        if self.fused is not None:
+            self.fused.drop_graphs()  # they point at the released KV
+        super().on_memory_released()
+        self.free_slots = list(range(self.scratch_slot - 1, -1, -1))
+
+    def valid_slot(self, req: Request) -> int | None:
+        """req's slot when its state is current (the catch-up of its last computed position), else None."""
+        st = self.states.get(req.request_id)
+        if st is None or st.req is not req or st.pos != _length(req) - 2:
+            return None
+        return st.slot
 
     def _step(self, tokens, hidden, positions, ctx):
         features = self.head(self.embed(tokens), hidden, positions, ctx)  # [B, H]
@@ -171,10 +233,7 @@ class EagleDrafter(_ModelDrafter):
         ctx, positions = self.kv.extend(tables, starts, counts)
         features = self.head(self.embed(self.kv.to_device(ids, torch.int64)), hidden, positions, ctx)
         if lasts:
-            keep = features.index_select(0, self.kv.to_device([row for _, row, _ in lasts], torch.int64))
-            tokens = self.runner.model.compute_logits(keep).argmax(-1)  # [K]
-            for k, (req, _, pos) in enumerate(lasts):
-                self.states[req.request_id] = _EagleState(req, pos, keep[k], tokens[k])
+            self._store(lasts, features, None)
 
     def _catch_up_in_graph(self, tables, starts, counts, hidden, ids, lasts) -> bool:
         """A short catch-up (after a verify: the last token and the accepted drafts) as independent decode
@@ -198,10 +257,7 @@ class EagleDrafter(_ModelDrafter):
                                            dev(slots, torch.int64), seq_lens,
                                            dev(self.kv._table(row_tables, width), torch.int32))
         if lasts:
-            pick = dev([row for _, row, _ in lasts], torch.int64)
-            keep, picked = features.index_select(0, pick), tokens.index_select(0, pick)  # copies
-            for k, (req, _, pos) in enumerate(lasts):
-                self.states[req.request_id] = _EagleState(req, pos, keep[k], picked[k])
+            self._store(lasts, features, tokens)
         return True
 
     @torch.inference_mode()
@@ -209,21 +265,22 @@ class EagleDrafter(_ModelDrafter):
         out: list[list[int]] = [[] for _ in reqs]
         rows = []  # (index, drafts, state)
         for i, (req, m) in enumerate(zip(reqs, num_tokens)):
-            st, length = self.states.get(req.request_id), _length(req)
-            if st is None or st.req is not req or st.pos != length - 2:
+            slot = self.valid_slot(req)
+            if slot is None:
                 continue  # no catch-up of its last position yet (or a stale one): no draft this step
-            m = min(m, self._room(req, length, 2))  # draft step j >= 1 writes position length - 2 + j
+            m = min(m, self._room(req, _length(req), 2))  # draft step j >= 1 writes position length - 2 + j
             if m > 0:
-                rows.append((i, m, st))
+                rows.append((i, m, slot))
         if not rows:
             return out
         rows.sort(key=lambda r: -r[1])
-        drafts = torch.stack([st.token for _, _, st in rows])[None]  # [1, B]: d1 of every row
+        slots = self.kv.to_device([slot for _, _, slot in rows], torch.int64)
+        drafts = self.tokens.index_select(0, slots)[None]  # [1, B]: d1 of every row
         if rows[0][1] > 1:
             picked = [reqs[i] for i, _, _ in rows]
             steps = self.kv.steps([r.page_table for r in picked], [_length(r) - 1 for r in picked],
                                   [m - 1 for _, m, _ in rows])
-            features = torch.stack([st.feature for _, _, st in rows])  # [B, H]
+            features = self.features.index_select(0, slots)  # [B, H]
             drafts = torch.cat([drafts, self.kv.decode(self._step, self.graphs, drafts[0], features, steps)])
             self.num_forwards += len(steps.active)
         for (i, m, _), d in zip(rows, drafts.T.tolist()):

@@ -97,6 +97,15 @@ class SpecDecoder:
             batch.drafts[i] = drafts
             batch.num_new[i] = 1 + len(drafts)
 
+    def launch_fused(self, batch: ScheduledBatch):
+        """The step drafted, verified and caught up on the device in one launch (gyre.engine.spec.fused),
+        when the drafter has that path and the whole batch can take it; else None (the host drives it)."""
+        fused = getattr(self.drafter, "fused", None)
+        if fused is None or not self.active:
+            return None
+        plan = fused.plan(batch, batch.draft_budget)
+        return None if plan is None else fused.launch(batch, plan)
+
     def masks(self, batch: ScheduledBatch, pin: bool) -> torch.Tensor | None:
         """Grammar bitmask of every sampled row: a verify's row j is masked by the state after its first
         j drafts (matchers advance over the drafts and roll back)."""
@@ -189,6 +198,7 @@ class SpecDecoder:
             "spec_mean_accept_len": (self.num_accepted_tokens + v) / v if v else 0.0,
             "spec_verify_step_ms": 1e3 * self.verify_seconds / self.num_verify_steps if self.num_verify_steps else 0.0,
             "spec_drafter_errors": self.num_drafter_errors,
+            "spec_fused_steps": getattr(getattr(self.drafter, "fused", None), "num_steps", 0),
             **self.drafter.stats(),
         }
 

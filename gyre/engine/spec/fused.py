@@ -1,0 +1,263 @@
+"""The EAGLE speculative step on the device: draft, verify, accept and catch up in one launch.
+
+For a batch of decoding requests that each have a current EAGLE state (the head's feature and first
+draft, in the drafter's per-request slots), one step
+  1. drafts: d_1 from the slot, then k - 1 head steps, each fed the previous step's feature and token;
+  2. verifies: the target over the last token and the drafts as 1 + k decode rows per request (row j,
+     at position L + j, attends to positions <= L + j), every row sampled as plain decoding would sample
+     it (the request's noise for its token num_generated + j; gyre.engine.spec.verify);
+  3. accepts on the device: a = the number of leading drafts equal to the target's samples;
+  4. catches up: the head over rows 0..a (token x_{p+1} = the target's sample at row p, hidden h_p, the
+     target's), writing the head's KV there; row a's feature and argmax token are the new state.
+The host copies the inputs in once (positions, draft counts, sampling parameters, page tables) and the
+drafts, samples, logprobs and accepted counts out once; nothing in between waits for it. On CUDA each
+batch bucket's step is one CUDA graph. The host then appends the tokens as a verify of the same drafts
+on the host-driven path would (Scheduler.resolve_spec), so outputs do not depend on the path.
+
+A request's draft count m <= k (fewer near max_new_tokens or the context end, or when pages are short)
+masks its rows past m: no KV store, never accepted. Bucket padding rows have m = -1 (nothing stored or
+read, their state row is the scratch slot). Rejected rows' KV (target and head) is rewritten before it is
+read, as on the host-driven path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gyre.engine.config import EngineConfig
+from gyre.engine.cuda_graph import batch_buckets, capture_stream
+from gyre.engine.layers.attention import AttentionMetadata
+from gyre.engine.model_runner import ForwardContext
+from gyre.engine.sampler import SampleOutput, is_filtered, sample_rows
+from gyre.engine.scheduler import ScheduledBatch
+
+# columns of the int64 inputs, one row per request
+SLOT, LAST, START, COUNT, GENERATED, SEED, TOP_K = range(7)
+
+
+class FusedEagle:
+    """Static buffers and per-bucket CUDA graphs of the fused step (eager on the CPU or without graphs)."""
+
+    def __init__(self, drafter, runner, config: EngineConfig) -> None:
+        self.drafter, self.runner = drafter, runner
+        self.k = k = config.spec_num_tokens
+        self.device = dev = runner.device
+        self.page_size = ps = runner.pool.page_size
+        self.use_graphs = dev.type == "cuda" and config.cuda_graph
+        if self.use_graphs:
+            self.max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
+            max_seq = min(config.cuda_graph_max_seq_len, runner.max_model_len)
+        else:
+            self.max_bs, max_seq = config.max_running_requests, runner.max_model_len
+        self.max_pages = -(-(max_seq + k + 1) // ps)
+        self.buckets = batch_buckets(self.max_bs)
+        pin = dev.type == "cuda"
+        self.host_ints = torch.zeros(self.max_bs, 7, dtype=torch.int64, pin_memory=pin)
+        self.host_floats = torch.zeros(self.max_bs, 3, dtype=torch.float32, pin_memory=pin)
+        self.host_table = torch.zeros(self.max_bs, self.max_pages, dtype=torch.int32, pin_memory=pin)
+        self.host_out = torch.zeros(self.max_bs, 2 * k + 2, dtype=torch.int64, pin_memory=pin)
+        self.host_logprobs = torch.zeros(self.max_bs, k + 1, dtype=torch.float32, pin_memory=pin)
+        self.ints = torch.zeros(self.max_bs, 7, dtype=torch.int64, device=dev)
+        self.ints[:, COUNT] = -1
+        self.ints[:, SLOT] = drafter.scratch_slot
+        self.floats = torch.zeros(self.max_bs, 3, dtype=torch.float32, device=dev)
+        self.table = torch.zeros(self.max_bs, self.max_pages, dtype=torch.int32, device=dev)
+        self.out = torch.zeros(self.max_bs, 2 * k + 2, dtype=torch.int64, device=dev)  # drafts, samples, a
+        self.out_logprobs = torch.zeros(self.max_bs, k + 1, dtype=torch.float32, device=dev)
+        self.rows = torch.arange(k + 1, device=dev)  # [k + 1]: a request's row j
+        self.cu = torch.arange(self.max_bs * (k + 1) + 1, dtype=torch.int32, device=dev)
+        cfg = runner.hf_config
+        gqa = cfg.num_attention_heads // cfg.num_key_value_heads
+        from gyre.kernels.attention import shared_prefix_max_rows
+
+        # a request's 1 + k verify rows share its pages: one group (read once) where the backend groups rows
+        self.share = config.shared_prefix_decode and k + 1 <= shared_prefix_max_rows(gqa) and k > 0
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        self.num_steps = 0
+
+    # -- host ---------------------------------------------------------------------------------------
+    def plan(self, batch: ScheduledBatch, budgets: list[int]) -> list[tuple[int, int]] | None:
+        """(slot, draft count) of every request when the whole batch can run fused, else None: every request
+        decodes one token with a current state, no grammar, top logprobs or expert capture, and fits."""
+        if len(batch.reqs) > self.max_bs or not any(budgets):
+            return None
+        ps, drafter, plan = self.page_size, self.drafter, []
+        for req, n, samples, budget in zip(batch.reqs, batch.num_new, batch.sampling, budgets):
+            sp = req.sampling
+            if (n != 1 or not samples or req.num_pending or req.grammar is not None or sp.top_logprobs
+                    or sp.return_routed_experts):
+                return None
+            slot = drafter.valid_slot(req)
+            if slot is None:
+                return None
+            length = req.num_tokens
+            room = min(len(req.page_table) * ps, drafter.max_positions) - length  # catch-up writes up to L + m
+            m = max(0, min(budget, room))
+            if -(-(length + m) // ps) > self.max_pages:
+                return None
+            plan.append((slot, m))
+        return plan
+
+    def launch(self, batch: ScheduledBatch, plan: list[tuple[int, int]]) -> FusedHandle:
+        """Queue the step (inputs in, the graph or the eager step, outputs out) without waiting."""
+        n = len(batch.reqs)
+        bs = next(b for b in self.buckets if b >= n) if self.use_graphs else n
+        ints, floats, table = self.host_ints.numpy(), self.host_floats.numpy(), self.host_table.numpy()
+        width = 1
+        for i, (req, (slot, m)) in enumerate(zip(batch.reqs, plan)):
+            sp, pages = req.sampling, req.page_table
+            length = req.num_tokens
+            ints[i] = (slot, req.output_ids[-1] if req.output_ids else req.prompt_ids[-1], length - 1, m,
+                       req.num_generated, req.seed, sp.top_k)
+            floats[i] = (sp.temperature, sp.top_p, sp.min_p)
+            used = min(len(pages), self.max_pages)
+            table[i, :used] = pages[:used]
+            width = max(width, -(-(length + m) // self.page_size))
+        ints[n:bs] = (self.drafter.scratch_slot, 0, 0, -1, 0, 0, 0)
+        width = self.max_pages if self.use_graphs else width
+        self.ints[:bs].copy_(self.host_ints[:bs], non_blocking=True)
+        self.floats[:bs].copy_(self.host_floats[:bs], non_blocking=True)
+        self.table[:bs, :width].copy_(self.host_table[:bs, :width], non_blocking=True)
+        filtered = is_filtered([r.sampling for r in batch.reqs], self.runner.vocab_size)
+        if self.use_graphs:
+            graph = self.graphs.get((bs, filtered)) or self._capture(bs, filtered)
+            graph.replay()
+        else:
+            with torch.inference_mode():
+                self._step(bs, width, filtered, eager=True)
+        self.num_steps += 1
+        out, logprobs = self.host_out[:n], self.host_logprobs[:n]
+        out.copy_(self.out[:n], non_blocking=True)
+        logprobs.copy_(self.out_logprobs[:n], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return FusedHandle(self, batch, plan, out, logprobs, event)
+
+    def drop_graphs(self) -> None:
+        self.graphs.clear()
+        self.graph_pool = None
+
+    @torch.inference_mode()
+    def _capture(self, bs: int, filtered: bool) -> torch.cuda.CUDAGraph:
+        stream = capture_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.stream(stream):
+            self._step(bs, self.max_pages, filtered, eager=False)  # warm-up (Triton compiles) outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+                self._step(bs, self.max_pages, filtered, eager=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graphs[(bs, filtered)] = graph
+        return graph
+
+    # -- device -------------------------------------------------------------------------------------
+    def _meta(self, table: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor, eager: bool,
+              shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> AttentionMetadata:
+        """Decode metadata of independent rows (row r attends to the first seq_lens[r] positions of
+        table[r]); host lengths only when eager (the torch backend reads them; captured steps cannot)."""
+        rows = slots.shape[0]
+        lens_cpu = seq_lens.tolist() if eager else [1] * rows
+        return AttentionMetadata(slot_mapping=slots, page_table=table, seq_lens=seq_lens,
+                                 cu_seqlens_q=self.cu[:rows + 1], max_q_len=1, seq_lens_cpu=lens_cpu,
+                                 q_lens_cpu=[1] * rows, is_decode=True,
+                                 prefix_lens=None if shared is None else shared[0],
+                                 group_lens=None if shared is None else shared[1])
+
+    def _slots(self, table: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """KV slots of positions [B, n] through table [B, W]; -1 (no store) where not live."""
+        ps = self.page_size
+        pages = table.gather(1, (positions // ps).clamp(0, table.shape[1] - 1)).to(torch.int64)
+        return torch.where(live, pages * ps + positions % ps, -1)
+
+    def _step(self, bs: int, width: int, filtered: bool, eager: bool) -> None:
+        k, drafter, runner = self.k, self.drafter, self.runner
+        ints, table = self.ints[:bs], self.table[:bs, :width]
+        slot, last, start, count = ints[:, SLOT], ints[:, LAST], ints[:, START], ints[:, COUNT]
+        real = count >= 0
+        # 1) drafts: d_1 from the state, then k - 1 head steps (step j at position L - 1 + j makes d_{j+1})
+        feature, token = drafter.features.index_select(0, slot), drafter.tokens.index_select(0, slot)
+        drafts = [token]
+        for j in range(1, k):
+            pos = (start - 1 + j)[:, None]
+            live = (count > j)[:, None]
+            seq = torch.where(live, pos + 1, 0).to(torch.int32)[:, 0]
+            meta = self._meta(table, self._slots(table, pos, live)[:, 0], seq, eager)
+            if eager:
+                drafter.kv.backend.prepare(meta)
+            feature, token = drafter._step(token, feature, pos[:, 0], ForwardContext(drafter.kv.backend, meta))
+            drafts.append(token)
+        drafts = torch.stack(drafts, 1)  # [B, k]
+        # 2) verify: rows j = 0..k at positions L + j (rows past m: nothing stored, lengths of row 0)
+        j = self.rows
+        positions = start[:, None] + j  # [B, k + 1]
+        live = j[None] <= count[:, None]
+        seq = torch.where(real[:, None], start[:, None] + 1 + torch.minimum(j[None], count.clamp(min=0)[:, None]), 0)
+        row_table = table.repeat_interleave(k + 1, 0)
+        rows = bs * (k + 1)
+        shared = None
+        if self.share and runner.backend.decodes_shared_prefix(rows):
+            prefix = torch.where(real[:, None], start[:, None] + 1, 0).expand(bs, k + 1)
+            groups = torch.where(real[:, None] & (j[None] == 0), k + 1, 0)
+            shared = (prefix.reshape(rows).to(torch.int32), groups.reshape(rows).to(torch.int32))
+        meta = self._meta(row_table, self._slots(table, positions, live).reshape(rows),
+                          seq.reshape(rows).to(torch.int32), eager, shared)
+        if eager:
+            runner.backend.prepare(meta)
+        ids = torch.cat([last[:, None], drafts], 1).reshape(rows)
+        hidden = runner.model(ids, positions.reshape(rows), ForwardContext(runner.backend, meta))
+        logits = runner.model.compute_logits(hidden)
+        temperature, top_p, min_p = (self.floats[:bs, c].repeat_interleave(k + 1) for c in range(3))
+        steps = (ints[:, GENERATED, None] + j[None]).reshape(rows)
+        samples, logprobs = sample_rows(logits, temperature, ints[:, TOP_K].to(torch.int32).repeat_interleave(k + 1),
+                                        top_p, min_p, ints[:, SEED].repeat_interleave(k + 1), steps, filtered)
+        samples = samples.view(bs, k + 1)
+        # 3) accept: the leading drafts equal to the target's samples (within the request's count)
+        match = (drafts == samples[:, :k]) & (j[None, :k] < count[:, None])
+        accepted = match.to(torch.int64).cumprod(1).sum(1)  # [B]
+        # 4) catch up over rows 0..a: the head reads (embed(sample_j) = x_{L+j+1}, h_{L+j}) at L + j
+        done = j[None] <= accepted[:, None]
+        live = done & real[:, None]
+        seq = torch.where(live, positions + 1, 0).reshape(rows).to(torch.int32)
+        meta = self._meta(row_table, self._slots(table, positions, live).reshape(rows), seq, eager)
+        if eager:
+            drafter.kv.backend.prepare(meta)
+        features = drafter.head(drafter.embed(samples.reshape(rows)), hidden, positions.reshape(rows),
+                                ForwardContext(drafter.kv.backend, meta))
+        pick = torch.arange(bs, device=self.device) * (k + 1) + accepted
+        new_feature = features.index_select(0, pick)
+        new_token = runner.model.compute_logits(new_feature).argmax(-1)
+        drafter.features.index_copy_(0, slot, new_feature)
+        drafter.tokens.index_copy_(0, slot, new_token)
+        self.out[:bs].copy_(torch.cat([drafts, samples, accepted[:, None]], 1))
+        self.out_logprobs[:bs].copy_(logprobs.view(bs, k + 1))
+
+
+class FusedHandle:
+    """A launched fused step; wait() sets the batch's drafts and returns its samples as a verify's rows."""
+
+    experts = None
+
+    def __init__(self, fused: FusedEagle, batch: ScheduledBatch, plan: list[tuple[int, int]],
+                 out: torch.Tensor, logprobs: torch.Tensor, event) -> None:
+        self.fused, self.batch, self.plan = fused, batch, plan
+        self.starts = [r.num_computed for r in batch.reqs]
+        self._out, self._logprobs, self._event = out, logprobs, event
+
+    def wait(self) -> SampleOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        k, batch, drafter = self.fused.k, self.batch, self.fused.drafter
+        out, logprobs = self._out.tolist(), self._logprobs.tolist()
+        tokens, lps = [], []
+        for i, (req, (slot, m), row, lp) in enumerate(zip(batch.reqs, self.plan, out, logprobs)):
+            batch.drafts[i] = row[:m]
+            batch.num_new[i] = 1 + m
+            tokens += row[k:k + 1 + m]
+            lps += lp[:1 + m]
+            drafter.states[req.request_id].pos = self.starts[i] + row[2 * k + 1]  # the catch-up's last row
+        return SampleOutput(tokens, lps, [None] * len(tokens))
