@@ -64,6 +64,7 @@ class Engine:
         self._started = time.monotonic()
         self._last_integrity_check = 0.0
         self._inflight = None  # the launched, unresolved step (overlapped scheduling)
+        self._last_spec_resolve = 0.0
         self._check_stop = self.tokens.check_stop_fn(self.runner.max_model_len)
         self.grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.tokens.eos_ids)
         self.scheduler.max_model_len = self.runner.max_model_len
@@ -464,22 +465,47 @@ class Engine:
             self.scheduler.finish(req, "abort", "engine shut down")
 
     def _spec_step(self) -> None:
-        """One synchronous step with speculative decoding: schedule, draft, verify the drafts in one target
-        forward (with the prefills of the step), accept, let the drafter see the result."""
+        """One step with speculative decoding. A fused EAGLE step (gyre.engine.spec.fused) stays in flight:
+        the next iteration queues the step after it from the device state (same requests), then resolves
+        it. Otherwise: schedule, draft, verify the drafts in one target forward (with the step's prefills),
+        accept, let the drafter see the result."""
+        inflight = self._inflight
+        if inflight is not None:
+            try:
+                self._inflight = self.spec.continue_fused(inflight, self.scheduler)
+            except Exception:  # noqa: BLE001 - a failed launch costs overlap, never a request
+                log.error("queueing the next fused step failed: %s", traceback.format_exc())
+                self._inflight = None
+            if self._inflight is not None:
+                self._inflight.launched = time.perf_counter()
+            self._resolve_spec(inflight)
+            return
         batch = self.scheduler.schedule()
         if batch is None:
             self._idle_checks()
             return
-        t0 = time.perf_counter()
+        launched = time.perf_counter()
         try:
             handle = self.spec.launch_fused(batch)  # drafts and catch-up on the device, or None
-            fused = handle is not None
-            if not fused:
+            if handle is None:
                 self.spec.attach(batch)
                 masks = self.spec.masks(batch, pin=self.runner.device.type == "cuda")
                 handle = self.runner.launch(batch, None, masks)
-            out = handle.wait()
         except Exception as e:  # a failed step ends its requests, never the engine
+            self._fail(batch, e)
+            return
+        handle.launched = launched
+        if getattr(handle, "is_fused", False) and self.config.overlap_schedule:
+            self._inflight = handle  # resolved once the next step is queued behind it
+            return
+        self._resolve_spec(handle)
+
+    def _resolve_spec(self, handle) -> None:
+        """Wait for a speculative step, append its accepted tokens, count it, show it to the drafter."""
+        batch = handle.batch
+        try:
+            out = handle.wait()
+        except Exception as e:
             self._fail(batch, e)
             return
         self.scheduler.advance(batch)
@@ -490,8 +516,12 @@ class Engine:
         before = sum(len(r.output_ids) for r in batch.reqs)
         accepted = self.scheduler.resolve_spec(batch, rows, self._check_stop)
         self._tokens_generated += sum(len(r.output_ids) for r in batch.reqs) - before
+        fused = getattr(handle, "is_fused", False)  # its catch-up ran on the device already
         hidden = self.runner.last_hidden if self.spec.needs_hidden and not fused else None
-        self.spec.after_step(batch, handle.starts, accepted, hidden, time.perf_counter() - t0)
+        now = time.perf_counter()
+        seconds = now - max(handle.launched, self._last_spec_resolve)  # this step's share when pipelined
+        self._last_spec_resolve = now
+        self.spec.after_step(batch, handle.starts, accepted, hidden, seconds)
 
     def _grammar_masks(self, batch) -> Callable[[], torch.Tensor] | None:
         """For a step that samples constrained requests: the bitmask, made once its forward is queued.
@@ -511,6 +541,9 @@ class Engine:
         """Resolve the in-flight step: its tokens reach the requests, stops are checked."""
         handle, self._inflight = self._inflight, None
         if handle is None:
+            return
+        if self.spec is not None:  # a fused speculative step
+            self._resolve_spec(handle)
             return
         try:
             out = handle.wait()

@@ -287,6 +287,11 @@ class Scheduler:
                 return False
         return True
 
+    def reserve_free(self, req: Request, num_tokens: int) -> bool:
+        """Pages for req's first num_tokens tokens from free memory or the cache only (no retraction):
+        speculative steps queued ahead of the host (gyre.engine.spec.fused) reserve their worst case."""
+        return self._reserve_free(req, num_tokens)
+
     def _reserve_free(self, req: Request, num_tokens: int) -> bool:
         """Pages for req's first num_tokens tokens from free memory or the cache only (no retraction)."""
         need = self.pool.pages_needed(num_tokens) - len(req.page_table)

@@ -62,6 +62,7 @@ def test_fused_equals_host_driven_and_plain_decoding(llama_dir, trained_head, re
             assert got.output_logprobs == pytest.approx(want.output_logprobs, abs=1e-4)
     stats_host, stats_fused = host[3], fused[3]
     assert stats_host["spec_fused_steps"] == 0 and stats_fused["spec_fused_steps"] > 0
+    assert stats_fused["spec_fused_continued"] > 0  # steps queued behind the one in flight
     for key in ("spec_num_verifies", "spec_num_draft_tokens", "spec_num_accepted_tokens"):
         assert stats_fused[key] == stats_host[key], key  # the same drafts, accepted the same way
     rate = stats_fused["spec_acceptance_rate"]
@@ -97,6 +98,30 @@ def test_fused_with_siblings_sessions_and_mixed_batches(llama_dir, trained_head,
                 futures.append(pool.submit(e.generate, p, GREEDY))
                 time.sleep(0.02)
             assert [f.result()[0].output_ids for f in futures] == [o.output_ids for o in ref_greedy]
+        e.call(e.check_integrity)
+
+
+def test_fused_without_overlap_and_abort_in_flight(llama_dir, trained_head):
+    """overlap_schedule=False resolves every fused step before the next; an abort while steps are queued
+    ends the requests with their partial output (a prefix of plain decoding's), and the pool stays whole."""
+    long = SamplingParams(max_new_tokens=150, temperature=0.0, ignore_eos=True)
+    with Engine(llama_dir, device="cpu") as e:
+        want = [o.output_ids for o in e.generate(PROMPTS[:2], long)]
+    kw = dict(device="cpu", spec_method="eagle", spec_draft_path=trained_head, spec_num_tokens=3)
+    with Engine(llama_dir, overlap_schedule=False, **kw) as e:
+        assert [o.output_ids for o in e.generate(PROMPTS[:2], long)] == want
+        stats = e.stats()
+        assert stats["spec_fused_steps"] > 0 and stats["spec_fused_continued"] == 0
+    with Engine(llama_dir, **kw) as e:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(e.generate, PROMPTS[:2], long)
+            time.sleep(0.3)
+            e.abort()
+            outs = future.result()
+        for out, ref in zip(outs, want):
+            assert out.output_ids == ref[:len(out.output_ids)]
+            assert out.finish_reason in ("abort", "length")
+        assert e.generate(PROMPTS[:2], long)[0].output_ids == want[0]  # and the engine goes on
         e.call(e.check_integrity)
 
 
@@ -140,7 +165,8 @@ def test_fused_on_cuda_matches_host_driven(llama_dir, trained_head):
                             "eager": dict(cuda_graph=False)}.items():
             spec = {} if name == "plain" else dict(spec_method="eagle", spec_draft_path=trained_head,
                                                    spec_num_tokens=3)
-            with Engine(llama_dir, device="cuda", dtype="float32", page_size=4, **spec, **extra) as e:
+            with Engine(llama_dir, device="cuda", dtype="float32", page_size=4, max_num_tokens=8192, **spec,
+                        **extra) as e:
                 greedy = [o.output_ids for o in e.generate(PROMPTS, GREEDY)]
                 one = [e.generate(p, GREEDY)[0].output_ids for p in PROMPTS[:2]]
                 sampled = [o.output_ids for o in e.generate(PROMPTS, SAMPLED)]

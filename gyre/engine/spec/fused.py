@@ -8,16 +8,19 @@ draft, in the drafter's per-request slots), one step
      it (the request's noise for its token num_generated + j; gyre.engine.spec.verify);
   3. accepts on the device: a = the number of leading drafts equal to the target's samples;
   4. catches up: the head over rows 0..a (token x_{p+1} = the target's sample at row p, hidden h_p, the
-     target's), writing the head's KV there; row a's feature and argmax token are the new state.
-The host copies the inputs in once (positions, draft counts, sampling parameters, page tables) and the
-drafts, samples, logprobs and accepted counts out once; nothing in between waits for it. On CUDA each
-batch bucket's step is one CUDA graph. The host then appends the tokens as a verify of the same drafts
-on the host-driven path would (Scheduler.resolve_spec), so outputs do not depend on the path.
+     target's), writing the head's KV there; row a's feature and argmax token are the new state;
+  5. advances its own inputs: L, the last token, the generated count and the next draft count, so the
+     next step of the same requests needs nothing from the host but page tables (`launch_next`).
+The host copies the inputs in once and the drafts, samples, logprobs, accepted and draft counts out once;
+nothing in between waits for it. On CUDA each batch bucket's step is one CUDA graph. The engine queues step
+t + 1 before it resolves step t (Engine._spec_step), reserving pages for the most step t can accept. The
+host appends the tokens as a verify of the same drafts on the host-driven path would
+(Scheduler.resolve_spec), so outputs do not depend on the path.
 
 A request's draft count m <= k (fewer near max_new_tokens or the context end, or when pages are short)
-masks its rows past m: no KV store, never accepted. Bucket padding rows have m = -1 (nothing stored or
-read, their state row is the scratch slot). Rejected rows' KV (target and head) is rewritten before it is
-read, as on the host-driven path.
+masks its rows past m: no KV store, never accepted. Bucket padding rows and finished requests' rows have
+m = -1 (nothing stored or read; their state row is the scratch slot). Rejected rows' KV (target and head)
+is rewritten before it is read, as on the host-driven path.
 """
 
 from __future__ import annotations
@@ -28,11 +31,26 @@ from gyre.engine.config import EngineConfig
 from gyre.engine.cuda_graph import batch_buckets, capture_stream
 from gyre.engine.layers.attention import AttentionMetadata
 from gyre.engine.model_runner import ForwardContext
+from gyre.engine.request import Request, Status
 from gyre.engine.sampler import SampleOutput, is_filtered, sample_rows
 from gyre.engine.scheduler import ScheduledBatch
 
-# columns of the int64 inputs, one row per request
-SLOT, LAST, START, COUNT, GENERATED, SEED, TOP_K = range(7)
+# columns of the int64 inputs, one row per request (the step advances the first five itself)
+SLOT, LAST, START, COUNT, GENERATED, SEED, TOP_K, MAX_GENERATED, CAP = range(9)
+NUM_INTS = 9
+
+
+class _Host:
+    """Pinned host buffers of one launch (two alternate, so a launch never overwrites what the previous
+    one's copies still read or write)."""
+
+    def __init__(self, max_bs: int, k: int, max_pages: int, pin: bool) -> None:
+        self.ints = torch.zeros(max_bs, NUM_INTS, dtype=torch.int64, pin_memory=pin)
+        self.floats = torch.zeros(max_bs, 3, dtype=torch.float32, pin_memory=pin)
+        self.alive = torch.zeros(max_bs, dtype=torch.int64, pin_memory=pin)
+        self.table = torch.zeros(max_bs, max_pages, dtype=torch.int32, pin_memory=pin)
+        self.out = torch.zeros(max_bs, 2 * k + 3, dtype=torch.int64, pin_memory=pin)
+        self.logprobs = torch.zeros(max_bs, k + 1, dtype=torch.float32, pin_memory=pin)
 
 
 class FusedEagle:
@@ -49,20 +67,18 @@ class FusedEagle:
             max_seq = min(config.cuda_graph_max_seq_len, runner.max_model_len)
         else:
             self.max_bs, max_seq = config.max_running_requests, runner.max_model_len
-        self.max_pages = -(-(max_seq + k + 1) // ps)
+        self.max_pages = -(-(max_seq + 2 * k + 2) // ps)  # a continued step's worst case fits too
+        # tokens a request may reach: positions stay inside the target's and the head's rotary tables
+        self.max_tokens = min(runner.max_model_len, drafter.max_positions)
         self.buckets = batch_buckets(self.max_bs)
         pin = dev.type == "cuda"
-        self.host_ints = torch.zeros(self.max_bs, 7, dtype=torch.int64, pin_memory=pin)
-        self.host_floats = torch.zeros(self.max_bs, 3, dtype=torch.float32, pin_memory=pin)
-        self.host_table = torch.zeros(self.max_bs, self.max_pages, dtype=torch.int32, pin_memory=pin)
-        self.host_out = torch.zeros(self.max_bs, 2 * k + 2, dtype=torch.int64, pin_memory=pin)
-        self.host_logprobs = torch.zeros(self.max_bs, k + 1, dtype=torch.float32, pin_memory=pin)
-        self.ints = torch.zeros(self.max_bs, 7, dtype=torch.int64, device=dev)
-        self.ints[:, COUNT] = -1
-        self.ints[:, SLOT] = drafter.scratch_slot
+        self.host = [_Host(self.max_bs, k, self.max_pages, pin) for _ in range(2)]
+        self.turn = 0
+        self.ints = torch.zeros(self.max_bs, NUM_INTS, dtype=torch.int64, device=dev)
         self.floats = torch.zeros(self.max_bs, 3, dtype=torch.float32, device=dev)
+        self.alive = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
         self.table = torch.zeros(self.max_bs, self.max_pages, dtype=torch.int32, device=dev)
-        self.out = torch.zeros(self.max_bs, 2 * k + 2, dtype=torch.int64, device=dev)  # drafts, samples, a
+        self.out = torch.zeros(self.max_bs, 2 * k + 3, dtype=torch.int64, device=dev)  # drafts, samples, a, m
         self.out_logprobs = torch.zeros(self.max_bs, k + 1, dtype=torch.float32, device=dev)
         self.rows = torch.arange(k + 1, device=dev)  # [k + 1]: a request's row j
         self.cu = torch.arange(self.max_bs * (k + 1) + 1, dtype=torch.int32, device=dev)
@@ -71,10 +87,11 @@ class FusedEagle:
         from gyre.kernels.attention import shared_prefix_max_rows
 
         # a request's 1 + k verify rows share its pages: one group (read once) where the backend groups rows
-        self.share = config.shared_prefix_decode and k + 1 <= shared_prefix_max_rows(gqa) and k > 0
+        self.share = config.shared_prefix_decode and k + 1 <= shared_prefix_max_rows(gqa)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         self.num_steps = 0
+        self.num_continued = 0
 
     # -- host ---------------------------------------------------------------------------------------
     def plan(self, batch: ScheduledBatch, budgets: list[int]) -> list[tuple[int, int]] | None:
@@ -92,7 +109,7 @@ class FusedEagle:
             if slot is None:
                 return None
             length = req.num_tokens
-            room = min(len(req.page_table) * ps, drafter.max_positions) - length  # catch-up writes up to L + m
+            room = min(len(req.page_table) * ps, self.max_tokens) - length  # catch-up writes up to L + m
             m = max(0, min(budget, room))
             if -(-(length + m) // ps) > self.max_pages:
                 return None
@@ -100,60 +117,92 @@ class FusedEagle:
         return plan
 
     def launch(self, batch: ScheduledBatch, plan: list[tuple[int, int]]) -> FusedHandle:
-        """Queue the step (inputs in, the graph or the eager step, outputs out) without waiting."""
+        """Queue the step of a scheduled batch (inputs in, the graph or the eager step, outputs out)."""
         n = len(batch.reqs)
         bs = next(b for b in self.buckets if b >= n) if self.use_graphs else n
-        ints, floats, table = self.host_ints.numpy(), self.host_floats.numpy(), self.host_table.numpy()
-        width = 1
-        for i, (req, (slot, m)) in enumerate(zip(batch.reqs, plan)):
-            sp, pages = req.sampling, req.page_table
-            length = req.num_tokens
-            ints[i] = (slot, req.output_ids[-1] if req.output_ids else req.prompt_ids[-1], length - 1, m,
-                       req.num_generated, req.seed, sp.top_k)
-            floats[i] = (sp.temperature, sp.top_p, sp.min_p)
-            used = min(len(pages), self.max_pages)
-            table[i, :used] = pages[:used]
-            width = max(width, -(-(length + m) // self.page_size))
-        ints[n:bs] = (self.drafter.scratch_slot, 0, 0, -1, 0, 0, 0)
-        width = self.max_pages if self.use_graphs else width
-        self.ints[:bs].copy_(self.host_ints[:bs], non_blocking=True)
-        self.floats[:bs].copy_(self.host_floats[:bs], non_blocking=True)
-        self.table[:bs, :width].copy_(self.host_table[:bs, :width], non_blocking=True)
         filtered = is_filtered([r.sampling for r in batch.reqs], self.runner.vocab_size)
+        self._ensure_graph(bs, filtered)
+        host = self._next_host()
+        ints, floats = host.ints.numpy(), host.floats.numpy()
+        cap = self.max_tokens - 1  # the last token a request may hold (tokens < max_tokens)
+        for i, (req, (slot, m)) in enumerate(zip(batch.reqs, plan)):
+            sp = req.sampling
+            ints[i] = (slot, req.output_ids[-1] if req.output_ids else req.prompt_ids[-1], req.num_tokens - 1, m,
+                       req.num_generated, req.seed, sp.top_k, sp.max_new_tokens, cap)
+            floats[i] = (sp.temperature, sp.top_p, sp.min_p)
+        ints[n:bs] = (self.drafter.scratch_slot, 0, 0, -1, 0, 0, 0, 0, 0)
+        self.ints[:bs].copy_(host.ints[:bs], non_blocking=True)
+        self.floats[:bs].copy_(host.floats[:bs], non_blocking=True)
+        alive = [True] * n
+        return self._launch(batch, host, bs, filtered, alive, continued=False)
+
+    def launch_next(self, prev: FusedHandle, alive: list[bool]) -> FusedHandle:
+        """Queue the next step of prev's requests from the inputs prev's step leaves on the device, before
+        prev is resolved; rows not alive (finished since) are masked. The caller reserved the pages."""
+        reqs = prev.batch.reqs
+        batch = ScheduledBatch(reqs, [1] * len(reqs), sampling=[True] * len(reqs))
+        self.num_continued += 1
+        return self._launch(batch, self._next_host(), prev.bs, prev.filtered, alive, continued=True)
+
+    def fits_next(self, req: Request) -> bool:
+        """Whether a continued step of req stays inside the rotary tables whatever the in-flight one accepts."""
+        return req.num_tokens + 2 * self.k + 1 <= self.max_tokens
+
+    def _next_host(self) -> _Host:
+        self.turn ^= 1
+        return self.host[self.turn]
+
+    def _launch(self, batch: ScheduledBatch, host: _Host, bs: int, filtered: bool, alive: list[bool],
+                continued: bool) -> FusedHandle:
+        n = len(batch.reqs)
+        table, live = host.table.numpy(), host.alive.numpy()
+        width = 1
+        for i, (req, a) in enumerate(zip(batch.reqs, alive)):
+            live[i] = a
+            if a:
+                pages = req.page_table
+                used = min(len(pages), self.max_pages)
+                table[i, :used] = pages[:used]
+                width = max(width, used)
+        live[n:bs] = 0
+        width = self.max_pages if self.use_graphs else width
+        self.alive[:bs].copy_(host.alive[:bs], non_blocking=True)
+        self.table[:bs, :width].copy_(host.table[:bs, :width], non_blocking=True)
         if self.use_graphs:
-            graph = self.graphs.get((bs, filtered)) or self._capture(bs, filtered)
-            graph.replay()
+            self.graphs[(bs, filtered)].replay()
         else:
             with torch.inference_mode():
                 self._step(bs, width, filtered, eager=True)
         self.num_steps += 1
-        out, logprobs = self.host_out[:n], self.host_logprobs[:n]
+        out, logprobs = host.out[:n], host.logprobs[:n]
         out.copy_(self.out[:n], non_blocking=True)
         logprobs.copy_(self.out_logprobs[:n], non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return FusedHandle(self, batch, plan, out, logprobs, event)
+        return FusedHandle(self, batch, bs, filtered, out, logprobs, event)
 
     def drop_graphs(self) -> None:
         self.graphs.clear()
         self.graph_pool = None
 
     @torch.inference_mode()
-    def _capture(self, bs: int, filtered: bool) -> torch.cuda.CUDAGraph:
+    def _ensure_graph(self, bs: int, filtered: bool) -> None:
+        if not self.use_graphs or (bs, filtered) in self.graphs:
+            return
+        self.alive[:bs] = 0  # the warm-up run below computes nothing but padding
         stream = capture_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream())
         if self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(stream):
-            self._step(bs, self.max_pages, filtered, eager=False)  # warm-up (Triton compiles) outside capture
+            self._step(bs, self.max_pages, filtered, eager=False)  # Triton compiles outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
                 self._step(bs, self.max_pages, filtered, eager=False)
         torch.cuda.current_stream().wait_stream(stream)
         self.graphs[(bs, filtered)] = graph
-        return graph
 
     # -- device -------------------------------------------------------------------------------------
     def _meta(self, table: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor, eager: bool,
@@ -168,96 +217,116 @@ class FusedEagle:
                                  prefix_lens=None if shared is None else shared[0],
                                  group_lens=None if shared is None else shared[1])
 
-    def _slots(self, table: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        """KV slots of positions [B, n] through table [B, W]; -1 (no store) where not live."""
-        ps = self.page_size
-        pages = table.gather(1, (positions // ps).clamp(0, table.shape[1] - 1)).to(torch.int64)
-        return torch.where(live, pages * ps + positions % ps, -1)
-
     def _step(self, bs: int, width: int, filtered: bool, eager: bool) -> None:
-        k, drafter, runner = self.k, self.drafter, self.runner
+        k, ps, drafter, runner = self.k, self.page_size, self.drafter, self.runner
         ints, table = self.ints[:bs], self.table[:bs, :width]
-        slot, last, start, count = ints[:, SLOT], ints[:, LAST], ints[:, START], ints[:, COUNT]
+        alive = self.alive[:bs] > 0
+        count = torch.where(alive, ints[:, COUNT], -1)
+        slot = torch.where(alive, ints[:, SLOT], drafter.scratch_slot)
+        start, generated = ints[:, START], ints[:, GENERATED]
         real = count >= 0
-        # 1) drafts: d_1 from the state, then k - 1 head steps (step j at position L - 1 + j makes d_{j+1})
+        j = self.rows
+        # every position the step may touch, L .. L + k, and its KV slot
+        positions = start[:, None] + j  # [B, k + 1]
+        pages = table.gather(1, (positions // ps).clamp(0, width - 1)).to(torch.int64)
+        slots = pages * ps + positions % ps
+        # 1) drafts: d_1 from the state, then k - 1 head steps (step s at position L + s makes d_{s+2})
         feature, token = drafter.features.index_select(0, slot), drafter.tokens.index_select(0, slot)
         drafts = [token]
-        for j in range(1, k):
-            pos = (start - 1 + j)[:, None]
-            live = (count > j)[:, None]
-            seq = torch.where(live, pos + 1, 0).to(torch.int32)[:, 0]
-            meta = self._meta(table, self._slots(table, pos, live)[:, 0], seq, eager)
+        if k > 1:
+            live = count[None, :] > j[1:k, None]  # [k - 1, B]
+            step_pos = positions[:, :k - 1].T.contiguous()  # [k - 1, B]: step s at L + s
+            step_slots = torch.where(live, slots[:, :k - 1].T, -1).contiguous()
+            step_lens = torch.where(live, step_pos + 1, 0).to(torch.int32)
+        for s in range(k - 1):
+            meta = self._meta(table, step_slots[s], step_lens[s], eager)
             if eager:
                 drafter.kv.backend.prepare(meta)
-            feature, token = drafter._step(token, feature, pos[:, 0], ForwardContext(drafter.kv.backend, meta))
+            feature, token = drafter._step(token, feature, step_pos[s], ForwardContext(drafter.kv.backend, meta))
             drafts.append(token)
         drafts = torch.stack(drafts, 1)  # [B, k]
-        # 2) verify: rows j = 0..k at positions L + j (rows past m: nothing stored, lengths of row 0)
-        j = self.rows
-        positions = start[:, None] + j  # [B, k + 1]
+        # 2) verify: rows j = 0..k at positions L + j (rows past m: nothing stored, row 0's length)
+        rows = bs * (k + 1)
         live = j[None] <= count[:, None]
         seq = torch.where(real[:, None], start[:, None] + 1 + torch.minimum(j[None], count.clamp(min=0)[:, None]), 0)
         row_table = table.repeat_interleave(k + 1, 0)
-        rows = bs * (k + 1)
         shared = None
         if self.share and runner.backend.decodes_shared_prefix(rows):
             prefix = torch.where(real[:, None], start[:, None] + 1, 0).expand(bs, k + 1)
             groups = torch.where(real[:, None] & (j[None] == 0), k + 1, 0)
             shared = (prefix.reshape(rows).to(torch.int32), groups.reshape(rows).to(torch.int32))
-        meta = self._meta(row_table, self._slots(table, positions, live).reshape(rows),
-                          seq.reshape(rows).to(torch.int32), eager, shared)
+        meta = self._meta(row_table, torch.where(live, slots, -1).reshape(rows), seq.reshape(rows).to(torch.int32),
+                          eager, shared)
         if eager:
             runner.backend.prepare(meta)
-        ids = torch.cat([last[:, None], drafts], 1).reshape(rows)
+        ids = torch.cat([ints[:, LAST, None], drafts], 1).reshape(rows)
         hidden = runner.model(ids, positions.reshape(rows), ForwardContext(runner.backend, meta))
         logits = runner.model.compute_logits(hidden)
         temperature, top_p, min_p = (self.floats[:bs, c].repeat_interleave(k + 1) for c in range(3))
-        steps = (ints[:, GENERATED, None] + j[None]).reshape(rows)
-        samples, logprobs = sample_rows(logits, temperature, ints[:, TOP_K].to(torch.int32).repeat_interleave(k + 1),
-                                        top_p, min_p, ints[:, SEED].repeat_interleave(k + 1), steps, filtered)
+        samples, logprobs = sample_rows(
+            logits, temperature, ints[:, TOP_K].to(torch.int32).repeat_interleave(k + 1), top_p, min_p,
+            ints[:, SEED].repeat_interleave(k + 1), (generated[:, None] + j[None]).reshape(rows), filtered)
         samples = samples.view(bs, k + 1)
         # 3) accept: the leading drafts equal to the target's samples (within the request's count)
         match = (drafts == samples[:, :k]) & (j[None, :k] < count[:, None])
         accepted = match.to(torch.int64).cumprod(1).sum(1)  # [B]
         # 4) catch up over rows 0..a: the head reads (embed(sample_j) = x_{L+j+1}, h_{L+j}) at L + j
-        done = j[None] <= accepted[:, None]
-        live = done & real[:, None]
-        seq = torch.where(live, positions + 1, 0).reshape(rows).to(torch.int32)
-        meta = self._meta(row_table, self._slots(table, positions, live).reshape(rows), seq, eager)
+        done = (j[None] <= accepted[:, None]) & real[:, None]
+        meta = self._meta(row_table, torch.where(done, slots, -1).reshape(rows),
+                          torch.where(done, positions + 1, 0).reshape(rows).to(torch.int32), eager)
         if eager:
             drafter.kv.backend.prepare(meta)
         features = drafter.head(drafter.embed(samples.reshape(rows)), hidden, positions.reshape(rows),
                                 ForwardContext(drafter.kv.backend, meta))
         pick = torch.arange(bs, device=self.device) * (k + 1) + accepted
         new_feature = features.index_select(0, pick)
-        new_token = runner.model.compute_logits(new_feature).argmax(-1)
         drafter.features.index_copy_(0, slot, new_feature)
-        drafter.tokens.index_copy_(0, slot, new_token)
-        self.out[:bs].copy_(torch.cat([drafts, samples, accepted[:, None]], 1))
+        drafter.tokens.index_copy_(0, slot, runner.model.compute_logits(new_feature).argmax(-1))
+        self.out[:bs].copy_(torch.cat([drafts, samples, accepted[:, None], count[:, None]], 1))
         self.out_logprobs[:bs].copy_(logprobs.view(bs, k + 1))
+        # 5) the next step's inputs: 1 + a tokens appended, the last of them is the next step's input
+        grown = accepted + 1
+        new_start, new_generated = start + grown, generated + grown
+        room = torch.minimum(ints[:, MAX_GENERATED] - new_generated - 1, ints[:, CAP] - new_start - 1)
+        new_count = torch.where(real, room.clamp(min=0, max=k), -1)
+        last = samples.gather(1, accepted[:, None])[:, 0]
+        new = torch.stack([slot, torch.where(real, last, ints[:, LAST]), torch.where(real, new_start, start),
+                           new_count, torch.where(real, new_generated, generated)], 1)
+        ints[:, :GENERATED + 1].copy_(new)
 
 
 class FusedHandle:
     """A launched fused step; wait() sets the batch's drafts and returns its samples as a verify's rows."""
 
     experts = None
+    is_fused = True
 
-    def __init__(self, fused: FusedEagle, batch: ScheduledBatch, plan: list[tuple[int, int]],
-                 out: torch.Tensor, logprobs: torch.Tensor, event) -> None:
-        self.fused, self.batch, self.plan = fused, batch, plan
-        self.starts = [r.num_computed for r in batch.reqs]
+    def __init__(self, fused: FusedEagle, batch: ScheduledBatch, bs: int, filtered: bool, out: torch.Tensor,
+                 logprobs: torch.Tensor, event) -> None:
+        self.owner, self.batch, self.bs, self.filtered = fused, batch, bs, filtered
+        self.starts: list[int] = []
         self._out, self._logprobs, self._event = out, logprobs, event
 
     def wait(self) -> SampleOutput:
+        """The step's rows once it is done; the batch's drafts and counts, and the requests' state positions,
+        are set from what the device did (starts: num_computed now, as the step saw it)."""
         if self._event is not None:
             self._event.synchronize()
-        k, batch, drafter = self.fused.k, self.batch, self.fused.drafter
+        fused, batch = self.owner, self.batch
+        k, drafter = fused.k, fused.drafter
         out, logprobs = self._out.tolist(), self._logprobs.tolist()
+        self.starts = [r.num_computed for r in batch.reqs]
         tokens, lps = [], []
-        for i, (req, (slot, m), row, lp) in enumerate(zip(batch.reqs, self.plan, out, logprobs)):
+        for i, (req, row, lp) in enumerate(zip(batch.reqs, out, logprobs)):
+            running = req.status == Status.RUNNING
+            m = max(row[2 * k + 2], 0) if running else 0  # a finished request's row is ignored
             batch.drafts[i] = row[:m]
             batch.num_new[i] = 1 + m
             tokens += row[k:k + 1 + m]
             lps += lp[:1 + m]
-            drafter.states[req.request_id].pos = self.starts[i] + row[2 * k + 1]  # the catch-up's last row
+            drafter.num_tokens += m
+            st = drafter.states.get(req.request_id)
+            if st is not None and st.req is req and running:
+                st.pos = self.starts[i] + row[2 * k + 1]  # the catch-up's last row
+        drafter.num_forwards += k
         return SampleOutput(tokens, lps, [None] * len(tokens))

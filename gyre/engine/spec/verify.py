@@ -106,6 +106,27 @@ class SpecDecoder:
         plan = fused.plan(batch, batch.draft_budget)
         return None if plan is None else fused.launch(batch, plan)
 
+    def continue_fused(self, handle, scheduler) -> Any:
+        """The next fused step of the in-flight `handle`'s requests, queued before handle is resolved, from
+        what its step leaves on the device; None when the batch has to change first: a request is waiting
+        or running outside it, none is left, one nears the context end, or pages for the most the
+        in-flight step can accept (k + 1 tokens) plus the next step's drafts are not free."""
+        fused = handle.owner
+        reqs = handle.batch.reqs
+        if not self.active or scheduler.waiting:
+            return None
+        # the in-flight step appends >= 1 token: a request it surely finishes takes no part in the next one
+        alive = [r.status == Status.RUNNING and r.num_generated + 1 < r.sampling.max_new_tokens
+                 and r.num_tokens + 1 < self.max_model_len for r in reqs]
+        running = sum(r.status == Status.RUNNING for r in reqs)
+        if not any(alive) or running != len(scheduler.running):  # everyone running is in this batch
+            return None
+        k = self.config.spec_num_tokens
+        for req, a in zip(reqs, alive):
+            if a and not (fused.fits_next(req) and scheduler.reserve_free(req, req.num_tokens + 2 * k + 1)):
+                return None
+        return fused.launch_next(handle, alive)
+
     def masks(self, batch: ScheduledBatch, pin: bool) -> torch.Tensor | None:
         """Grammar bitmask of every sampled row: a verify's row j is masked by the state after its first
         j drafts (matchers advance over the drafts and roll back)."""
@@ -199,6 +220,8 @@ class SpecDecoder:
             "spec_verify_step_ms": 1e3 * self.verify_seconds / self.num_verify_steps if self.num_verify_steps else 0.0,
             "spec_drafter_errors": self.num_drafter_errors,
             "spec_fused_steps": getattr(getattr(self.drafter, "fused", None), "num_steps", 0),
+            # fused steps queued from the previous one's device state, before it was resolved
+            "spec_fused_continued": getattr(getattr(self.drafter, "fused", None), "num_continued", 0),
             **self.drafter.stats(),
         }
 
