@@ -276,6 +276,14 @@ def run(engine: Engine, prompts: list[list[int]], batch: int, temperature: float
     res = {"tok_s": tokens / t.seconds, "seconds": t.seconds, "num_prompts": len(prompts),
            "output_tokens": tokens, "num_steps": steps, "step_ms": 1e3 * t.seconds / max(steps, 1),
            **spec_delta(before, after)}
+    if batch == 1:  # decode alone: the same run minus 1-token generations (prefill, first token, overheads)
+        engine.flush_cache()
+        first = [SamplingParams(max_new_tokens=1, temperature=temperature, seed=i) for i in range(len(prompts))]
+        with Timer() as t1:
+            for p, sp in zip(prompts, first):
+                engine.generate(p, sp)
+        res["first_token_seconds"] = t1.seconds
+        res["decode_tok_s"] = (tokens - len(prompts)) / max(t.seconds - t1.seconds, 1e-9)
     return res, [o.output_ids for o in outs]
 
 
@@ -326,6 +334,47 @@ def device_costs(engine: Engine, k: int, context: int = 300, reps: int = 100) ->
     return engine.call(fn)
 
 
+def host_profile(engine: Engine, prompts: list[list[int]], max_new: int) -> dict:
+    """Microseconds per call of the engine thread's parts of a speculative step at batch 1 (wall clock,
+    wrappers around the methods; the first-call entries include the waits inside them)."""
+    from collections import defaultdict
+
+    from gyre.engine.spec import fused as fused_mod
+
+    total, calls = defaultdict(float), defaultdict(int)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                total[name] += time.perf_counter() - t
+                calls[name] += 1
+        return wrapper
+
+    patches = [(engine, "_spec_step"), (engine, "_resolve_spec"), (engine.spec, "continue_fused"),
+               (engine.spec, "launch_fused"), (engine.spec, "after_step"), (engine.scheduler, "resolve_spec"),
+               (engine.scheduler, "schedule"), (engine.scheduler, "advance"), (engine.runner, "launch"),
+               (fused_mod.FusedHandle, "wait"), (fused_mod.FusedEagle, "_launch"),
+               (torch.cuda.Event, "synchronize"), (torch.cuda.CUDAGraph, "replay")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
+    for obj, name, fn in saved:
+        setattr(obj, name, timed(f"{getattr(obj, '__name__', type(obj).__name__)}.{name}", fn))
+    try:
+        engine.flush_cache()
+        with Timer() as t:
+            for p in prompts:
+                engine.generate(p, SamplingParams(max_new_tokens=max_new, temperature=0.0))
+    finally:
+        for obj, name, fn in saved:
+            if isinstance(obj, type):
+                setattr(obj, name, fn)
+            else:
+                delattr(obj, name)  # the instance attribute shadowed the bound method
+    return {"seconds": t.seconds, **{k: {"calls": calls[k], "us": 1e6 * total[k] / calls[k]} for k in total}}
+
+
 def measure(method: str, target: Path, eagle: Path, prompts: list[list[int]], args, overrides: dict
             ) -> tuple[dict, dict[str, list[list[int]]]]:
     """One engine for `method`: batch 1 greedy and temperature 1, then each larger batch size greedy."""
@@ -352,6 +401,9 @@ def measure(method: str, target: Path, eagle: Path, prompts: list[list[int]], ar
         if method in ("none", "eagle"):
             res["device_ms"] = device_costs(engine, args.num_tokens)
             print(f"[measure] {method:5s} graph replays (ms): {res['device_ms']}", flush=True)
+        if method == "eagle" and torch.cuda.is_available():
+            res["host_us"] = host_profile(engine, prompts[:4], args.max_new_tokens)
+            print(f"[measure] host: {json.dumps(res['host_us'])}", flush=True)
     finally:
         engine.shutdown()
         del engine
@@ -371,9 +423,11 @@ def summarize(per: dict, ids: dict, max_bs: int) -> dict:
             continue
         same = total = 0
         for name, r in runs.items():
-            if name not in base or "tok_s" not in r:
+            if name not in base or not isinstance(r, dict) or "tok_s" not in r:
                 continue
             out[f"{m}_speedup_{name}"] = r["tok_s"] / base[name]["tok_s"]
+            if r.get("decode_tok_s") and base[name].get("decode_tok_s"):  # prefill and first token left out
+                out[f"{m}_decode_speedup_{name}"] = r["decode_tok_s"] / base[name]["decode_tok_s"]
             out[f"{m}_mean_accept_len_{name}"] = r["mean_accept_len"]
             if not name.endswith("_t1"):
                 pairs = list(zip(ids[m][name], ids["none"][name]))
