@@ -34,9 +34,10 @@ from gyre.engine.model_runner import ForwardContext
 from gyre.engine.request import Request, Status
 from gyre.engine.sampler import SampleOutput, is_filtered, sample_rows
 from gyre.engine.scheduler import ScheduledBatch
+from gyre.kernels.spec import spec_epilogue, spec_epilogue_ref, spec_prologue, spec_prologue_ref
 
 # columns of the int64 inputs, one row per request (the step advances the first five itself)
-SLOT, LAST, START, COUNT, GENERATED, SEED, TOP_K, MAX_GENERATED, CAP = range(9)
+SLOT, LAST, START, COUNT, GENERATED, SEED, TOP_K, MAX_GENERATED, CAP = range(9)  # as gyre.kernels.spec
 NUM_INTS = 9
 
 
@@ -80,7 +81,6 @@ class FusedEagle:
         self.table = torch.zeros(self.max_bs, self.max_pages, dtype=torch.int32, device=dev)
         self.out = torch.zeros(self.max_bs, 2 * k + 3, dtype=torch.int64, device=dev)  # drafts, samples, a, m
         self.out_logprobs = torch.zeros(self.max_bs, k + 1, dtype=torch.float32, device=dev)
-        self.rows = torch.arange(k + 1, device=dev)  # [k + 1]: a request's row j
         self.cu = torch.arange(self.max_bs * (k + 1) + 1, dtype=torch.int32, device=dev)
         cfg = runner.hf_config
         gqa = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -218,81 +218,52 @@ class FusedEagle:
                                  group_lens=None if shared is None else shared[1])
 
     def _step(self, bs: int, width: int, filtered: bool, eager: bool) -> None:
-        k, ps, drafter, runner = self.k, self.page_size, self.drafter, self.runner
+        k, drafter, runner = self.k, self.drafter, self.runner
         ints, table = self.ints[:bs], self.table[:bs, :width]
-        alive = self.alive[:bs] > 0
-        count = torch.where(alive, ints[:, COUNT], -1)
-        slot = torch.where(alive, ints[:, SLOT], drafter.scratch_slot)
-        start, generated = ints[:, START], ints[:, GENERATED]
-        real = count >= 0
-        j = self.rows
-        # every position the step may touch, L .. L + k, and its KV slot
-        positions = start[:, None] + j  # [B, k + 1]
-        pages = table.gather(1, (positions // ps).clamp(0, width - 1)).to(torch.int64)
-        slots = pages * ps + positions % ps
+        on_gpu = self.device.type == "cuda"  # the index arithmetic in two kernels (gyre.kernels.spec)
+        prologue, epilogue = (spec_prologue, spec_epilogue) if on_gpu else (spec_prologue_ref, spec_epilogue_ref)
+        pro = prologue(ints, self.alive[:bs], self.floats[:bs], table, k, self.page_size, drafter.scratch_slot)
         # 1) drafts: d_1 from the state, then k - 1 head steps (step s at position L + s makes d_{s+2})
+        slot = pro["slot"]
         feature, token = drafter.features.index_select(0, slot), drafter.tokens.index_select(0, slot)
         drafts = [token]
-        if k > 1:
-            live = count[None, :] > j[1:k, None]  # [k - 1, B]
-            step_pos = positions[:, :k - 1].T.contiguous()  # [k - 1, B]: step s at L + s
-            step_slots = torch.where(live, slots[:, :k - 1].T, -1).contiguous()
-            step_lens = torch.where(live, step_pos + 1, 0).to(torch.int32)
         for s in range(k - 1):
-            meta = self._meta(table, step_slots[s], step_lens[s], eager)
+            meta = self._meta(table, pro["step_slots"][s], pro["step_lens"][s], eager)
             if eager:
                 drafter.kv.backend.prepare(meta)
-            feature, token = drafter._step(token, feature, step_pos[s], ForwardContext(drafter.kv.backend, meta))
+            feature, token = drafter._step(token, feature, pro["step_pos"][s],
+                                           ForwardContext(drafter.kv.backend, meta))
             drafts.append(token)
         drafts = torch.stack(drafts, 1)  # [B, k]
         # 2) verify: rows j = 0..k at positions L + j (rows past m: nothing stored, row 0's length)
         rows = bs * (k + 1)
-        live = j[None] <= count[:, None]
-        seq = torch.where(real[:, None], start[:, None] + 1 + torch.minimum(j[None], count.clamp(min=0)[:, None]), 0)
         row_table = table.repeat_interleave(k + 1, 0)
         shared = None
         if self.share and runner.backend.decodes_shared_prefix(rows):
-            prefix = torch.where(real[:, None], start[:, None] + 1, 0).expand(bs, k + 1)
-            groups = torch.where(real[:, None] & (j[None] == 0), k + 1, 0)
-            shared = (prefix.reshape(rows).to(torch.int32), groups.reshape(rows).to(torch.int32))
-        meta = self._meta(row_table, torch.where(live, slots, -1).reshape(rows), seq.reshape(rows).to(torch.int32),
-                          eager, shared)
+            shared = (pro["prefix_lens"], pro["group_lens"])
+        meta = self._meta(row_table, pro["verify_slots"], pro["verify_lens"], eager, shared)
         if eager:
             runner.backend.prepare(meta)
         ids = torch.cat([ints[:, LAST, None], drafts], 1).reshape(rows)
-        hidden = runner.model(ids, positions.reshape(rows), ForwardContext(runner.backend, meta))
+        positions = pro["positions"].reshape(rows)
+        hidden = runner.model(ids, positions, ForwardContext(runner.backend, meta))
         logits = runner.model.compute_logits(hidden)
-        temperature, top_p, min_p = (self.floats[:bs, c].repeat_interleave(k + 1) for c in range(3))
-        samples, logprobs = sample_rows(
-            logits, temperature, ints[:, TOP_K].to(torch.int32).repeat_interleave(k + 1), top_p, min_p,
-            ints[:, SEED].repeat_interleave(k + 1), (generated[:, None] + j[None]).reshape(rows), filtered)
+        samples, logprobs = sample_rows(logits, pro["temperature"], pro["top_k"], pro["top_p"], pro["min_p"],
+                                        pro["seeds"], pro["steps"], filtered)
         samples = samples.view(bs, k + 1)
-        # 3) accept: the leading drafts equal to the target's samples (within the request's count)
-        match = (drafts == samples[:, :k]) & (j[None, :k] < count[:, None])
-        accepted = match.to(torch.int64).cumprod(1).sum(1)  # [B]
+        # 3) accept (the leading drafts equal to the target's samples); the next step's inputs, in place
+        epi = epilogue(ints, pro, drafts, samples, k)
         # 4) catch up over rows 0..a: the head reads (embed(sample_j) = x_{L+j+1}, h_{L+j}) at L + j
-        done = (j[None] <= accepted[:, None]) & real[:, None]
-        meta = self._meta(row_table, torch.where(done, slots, -1).reshape(rows),
-                          torch.where(done, positions + 1, 0).reshape(rows).to(torch.int32), eager)
+        meta = self._meta(row_table, epi["catch_slots"], epi["catch_lens"], eager)
         if eager:
             drafter.kv.backend.prepare(meta)
-        features = drafter.head(drafter.embed(samples.reshape(rows)), hidden, positions.reshape(rows),
+        features = drafter.head(drafter.embed(samples.reshape(rows)), hidden, positions,
                                 ForwardContext(drafter.kv.backend, meta))
-        pick = torch.arange(bs, device=self.device) * (k + 1) + accepted
-        new_feature = features.index_select(0, pick)
+        new_feature = features.index_select(0, epi["pick"])
         drafter.features.index_copy_(0, slot, new_feature)
         drafter.tokens.index_copy_(0, slot, runner.model.compute_logits(new_feature).argmax(-1))
-        self.out[:bs].copy_(torch.cat([drafts, samples, accepted[:, None], count[:, None]], 1))
+        self.out[:bs].copy_(epi["out"])
         self.out_logprobs[:bs].copy_(logprobs.view(bs, k + 1))
-        # 5) the next step's inputs: 1 + a tokens appended, the last of them is the next step's input
-        grown = accepted + 1
-        new_start, new_generated = start + grown, generated + grown
-        room = torch.minimum(ints[:, MAX_GENERATED] - new_generated - 1, ints[:, CAP] - new_start - 1)
-        new_count = torch.where(real, room.clamp(min=0, max=k), -1)
-        last = samples.gather(1, accepted[:, None])[:, 0]
-        new = torch.stack([slot, torch.where(real, last, ints[:, LAST]), torch.where(real, new_start, start),
-                           new_count, torch.where(real, new_generated, generated)], 1)
-        ints[:, :GENERATED + 1].copy_(new)
 
 
 class FusedHandle:
