@@ -291,8 +291,9 @@ def run(engine: Engine, prompts: list[list[int]], batch: int, temperature: float
 def device_costs(engine: Engine, k: int, context: int = 300, reps: int = 100) -> dict | None:
     """GPU milliseconds per replay of captured graphs, back to back (no host work in them): the target's
     decode at batch 1, its decode over 1 + k rows (a verify's forward), and the fused EAGLE step at batch 1
-    (k - 1 draft steps, the verify, sampling, acceptance and the catch-up). Every row is set at position
-    `context` over free pages (the cache is flushed and nothing runs, so the KV written is scratch)."""
+    (k - 1 draft steps, the verify, sampling, acceptance and the catch-up, all k drafts live; its inputs
+    are reset by one device copy before each replay, since a step advances them). Every row is set at
+    position `context` over free pages (the cache is flushed and nothing runs: the KV written is scratch)."""
     if not torch.cuda.is_available():
         return None
     engine.flush_cache()
@@ -303,12 +304,16 @@ def device_costs(engine: Engine, k: int, context: int = 300, reps: int = 100) ->
         pages = torch.arange(1, context // ps + 2, dtype=torch.int32, device=runner.device)
         slot = int(pages[context // ps]) * ps + context % ps
 
-        def time_it(graph) -> float:
+        def time_it(graph, before=None) -> float:
             for _ in range(5):
+                if before is not None:
+                    before()
                 graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(reps):
+                if before is not None:
+                    before()
                 graph.replay()
             end.record()
             end.synchronize()
@@ -325,11 +330,15 @@ def device_costs(engine: Engine, k: int, context: int = 300, reps: int = 100) ->
                 out["decode_bs1" if rows == 1 else f"decode_{rows}_rows"] = time_it(graphs.graphs[bucket][0])
         fused = getattr(engine.spec.drafter, "fused", None) if engine.spec is not None else None
         if fused is not None and (1, False) in fused.graphs:
-            from gyre.engine.spec.fused import COUNT, START
+            from gyre.engine.spec.fused import CAP, COUNT, GENERATED, MAX_GENERATED, SLOT, START
 
             fused.table[0, :len(pages)] = pages
-            fused.ints[0, START], fused.ints[0, COUNT] = context, k
-            out["fused_eagle_bs1"] = time_it(fused.graphs[(1, False)])
+            fused.alive[0] = 1
+            row = fused.ints[0]
+            row[SLOT], row[START], row[COUNT], row[GENERATED] = engine.spec.drafter.scratch_slot, context, k, 0
+            row[MAX_GENERATED], row[CAP] = 1 << 40, 1 << 40
+            inputs = fused.ints.clone()  # a step advances its own inputs: every replay starts from these
+            out["fused_eagle_bs1"] = time_it(fused.graphs[(1, False)], lambda: fused.ints.copy_(inputs))
         return out
 
     return engine.call(fn)
