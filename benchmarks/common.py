@@ -116,3 +116,39 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+class CallTimes:
+    """Wall time per call of methods patched on objects (instances or classes), until restore()."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._saved: list = []
+
+    def patch(self, obj, name: str) -> None:
+        fn = getattr(obj, name)
+        key = f"{getattr(obj, '__name__', type(obj).__name__)}.{name}"
+
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.total[key] = self.total.get(key, 0.0) + time.perf_counter() - start
+                self.calls[key] = self.calls.get(key, 0) + 1
+
+        self._saved.append((obj, name, fn))
+        setattr(obj, name, wrapper)
+
+    def restore(self) -> None:
+        for obj, name, fn in reversed(self._saved):
+            if isinstance(obj, type):
+                setattr(obj, name, fn)
+            else:
+                delattr(obj, name)  # the instance attribute shadowed the class's method
+        self._saved.clear()
+
+    def summary(self, unit: float = 1e6) -> dict:
+        """{name: {"calls", "per_call"}}, per_call in seconds * unit (microseconds by default)."""
+        return {k: {"calls": self.calls[k], "per_call": unit * self.total[k] / self.calls[k]} for k in self.total}

@@ -8,30 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from gyre import Engine, SamplingParams
-from gyre.testing import tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CallTimes  # noqa: E402
+
+from gyre import Engine, SamplingParams  # noqa: E402
+from gyre.testing import tiny_model  # noqa: E402
 
 
-def timed_parts(engine: Engine) -> tuple[dict, list]:
-    total, calls = defaultdict(float), defaultdict(int)
-
-    def wrap(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                total[name] += time.perf_counter() - t
-                calls[name] += 1
-        return wrapper
-
+def timed_parts(engine: Engine) -> CallTimes:
+    times = CallTimes()
     runner = engine.runner
     parts = [(runner, "launch"), (runner, "forward"), (runner, "prepare"), (runner.sampler, "sample"),
              (engine.scheduler, "schedule"), (engine.scheduler, "resolve"), (engine.scheduler, "resolve_spec"),
@@ -40,8 +32,8 @@ def timed_parts(engine: Engine) -> tuple[dict, list]:
         parts += [(engine.spec, "attach"), (engine.spec, "after_step"), (engine.spec.drafter, "observe"),
                   (engine.spec, "launch_fused"), (engine, "_resolve_spec")]
     for obj, name in parts:
-        setattr(obj, name, wrap(f"{type(obj).__name__}.{name}", getattr(obj, name)))
-    return (total, calls), parts
+        times.patch(obj, name)
+    return times
 
 
 def main() -> None:
@@ -71,14 +63,13 @@ def main() -> None:
             for p in prompts:  # warm-up: every prompt length once
                 engine.generate(p, one)
             engine.flush_cache()
-            (total, calls), _ = timed_parts(engine)
+            times = timed_parts(engine)
             t = time.perf_counter()
             for p in prompts:
                 engine.generate(p, one)
             ms = 1e3 * (time.perf_counter() - t) / len(prompts)
-            result[name] = {"ms_per_request": ms,
-                            "parts_ms": {k: round(1e3 * total[k] / calls[k], 3) for k in total},
-                            "calls": dict(calls)}
+            times.restore()
+            result[name] = {"ms_per_request": ms, "parts_ms": times.summary(unit=1e3)}
         finally:
             engine.shutdown()
         print(f"[prefill] {name}: {result[name]}", flush=True)

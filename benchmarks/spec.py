@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import Timer, record  # noqa: E402
+from common import CallTimes, Timer, record  # noqa: E402
 
 from gyre import Engine, SamplingParams  # noqa: E402
 from gyre.testing import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START  # noqa: E402
@@ -347,42 +347,23 @@ def device_costs(engine: Engine, k: int, context: int = 300, reps: int = 100) ->
 def host_profile(engine: Engine, prompts: list[list[int]], max_new: int) -> dict:
     """Microseconds per call of the engine thread's parts of a speculative step at batch 1 (wall clock,
     wrappers around the methods; the first-call entries include the waits inside them)."""
-    from collections import defaultdict
-
     from gyre.engine.spec import fused as fused_mod
 
-    total, calls = defaultdict(float), defaultdict(int)
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                total[name] += time.perf_counter() - t
-                calls[name] += 1
-        return wrapper
-
-    patches = [(engine, "_spec_step"), (engine, "_resolve_spec"), (engine.spec, "continue_fused"),
-               (engine.spec, "launch_fused"), (engine.spec, "after_step"), (engine.scheduler, "resolve_spec"),
-               (engine.scheduler, "schedule"), (engine.scheduler, "advance"), (engine.runner, "launch"),
-               (fused_mod.FusedHandle, "wait"), (fused_mod.FusedEagle, "_launch"),
-               (torch.cuda.Event, "synchronize"), (torch.cuda.CUDAGraph, "replay")]
-    saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
-    for obj, name, fn in saved:
-        setattr(obj, name, timed(f"{getattr(obj, '__name__', type(obj).__name__)}.{name}", fn))
+    times = CallTimes()
+    for obj, name in [(engine, "_spec_step"), (engine, "_resolve_spec"), (engine.spec, "continue_fused"),
+                      (engine.spec, "launch_fused"), (engine.spec, "after_step"), (engine.scheduler, "resolve_spec"),
+                      (engine.scheduler, "schedule"), (engine.scheduler, "advance"), (engine.runner, "launch"),
+                      (fused_mod.FusedHandle, "wait"), (fused_mod.FusedEagle, "_launch"),
+                      (torch.cuda.Event, "synchronize"), (torch.cuda.CUDAGraph, "replay")]:
+        times.patch(obj, name)
     try:
         engine.flush_cache()
         with Timer() as t:
             for p in prompts:
                 engine.generate(p, SamplingParams(max_new_tokens=max_new, temperature=0.0))
     finally:
-        for obj, name, fn in saved:
-            if isinstance(obj, type):
-                setattr(obj, name, fn)
-            else:
-                delattr(obj, name)  # the instance attribute shadowed the bound method
-    return {"seconds": t.seconds, **{k: {"calls": calls[k], "us": 1e6 * total[k] / calls[k]} for k in total}}
+        times.restore()
+    return {"seconds": t.seconds, **times.summary()}
 
 
 def measure(method: str, target: Path, eagle: Path, prompts: list[list[int]], args, overrides: dict
