@@ -181,3 +181,19 @@ def test_fused_on_cuda_matches_host_driven(llama_dir, trained_head):
         assert runs[name][3]["spec_fused_steps"] > 0
         for key in ("spec_num_draft_tokens", "spec_num_accepted_tokens"):
             assert runs[name][3][key] == runs["host"][3][key], (name, key)
+
+
+def test_a_failing_fused_step_falls_back_to_the_host_driven_path(llama_dir, trained_head, reference, monkeypatch):
+    from gyre.engine.spec.fused import FusedEagle
+
+    ref_greedy, _ = reference
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(FusedEagle, "_step", broken)
+    with Engine(llama_dir, device="cpu", spec_method="eagle", spec_draft_path=trained_head, spec_num_tokens=3) as e:
+        assert [o.output_ids for o in e.generate(PROMPTS, GREEDY)] == [o.output_ids for o in ref_greedy]
+        stats = e.stats()
+        assert stats["spec_drafter_errors"] == 1 and stats["spec_num_accepted_tokens"] > 0  # host-driven drafts
+        e.call(e.check_integrity)

@@ -104,7 +104,15 @@ class SpecDecoder:
         if fused is None or not self.active:
             return None
         plan = fused.plan(batch, batch.draft_budget)
-        return None if plan is None else fused.launch(batch, plan)
+        if plan is None:
+            return None
+        try:
+            return fused.launch(batch, plan)
+        except Exception:  # noqa: BLE001 - e.g. a capture that fails: the host-driven path serves from now on
+            self.num_drafter_errors += 1
+            self.drafter.fused = None
+            log.error("the fused EAGLE step failed; speculating host-driven from now on: %s", traceback.format_exc())
+            return None
 
     def continue_fused(self, handle, scheduler) -> Any:
         """The next fused step of the in-flight `handle`'s requests, queued before handle is resolved, from
