@@ -6,8 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gyre.kernels.spec import (CAP, COUNT, GENERATED, MAX_GENERATED, PROLOGUE, SEED, SLOT, START, TOP_K,
-                               spec_epilogue, spec_epilogue_ref, spec_prologue, spec_prologue_ref)
+from gyre.kernels.spec import (
+    CAP,
+    COUNT,
+    GENERATED,
+    MAX_GENERATED,
+    PROLOGUE,
+    SEED,
+    SLOT,
+    START,
+    TOP_K,
+    spec_epilogue,
+    spec_epilogue_ref,
+    spec_prologue,
+    spec_prologue_ref,
+)
 
 
 def _inputs(bs, k, ps, width, gen, device):
