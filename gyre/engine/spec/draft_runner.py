@@ -146,13 +146,16 @@ class EagleDrafter(_ModelDrafter):
         self.features = torch.zeros(num_slots, cfg.hidden_size, dtype=runner.dtype, device=runner.device)
         self.tokens = torch.zeros(num_slots, dtype=torch.int64, device=runner.device)
         self.scratch_slot = num_slots - 1
-        self.free_slots = list(range(num_slots - 2, -1, -1))
+        self._free_all_slots()
         self.fused = None  # gyre.engine.spec.fused.FusedEagle: drafting, verify and catch-up in one launch
         if config.spec_fused and runner.config.attention_backend in ("auto", "torch", "triton") \
                 and not config.deterministic:
             from gyre.engine.spec.fused import FusedEagle
 
             self.fused = FusedEagle(self, runner, config)
+
+    def _free_all_slots(self) -> None:
+        self.free_slots = list(range(self.scratch_slot - 1, -1, -1))
 
     def _purge(self) -> None:
         for rid in [rid for rid, st in self.states.items() if st.req.is_finished]:
@@ -192,8 +195,8 @@ class EagleDrafter(_ModelDrafter):
     def on_memory_released(self) -> None:
         if self.fused is not None:
             self.fused.drop_graphs()  # they point at the released KV
-        super().on_memory_released()
-        self.free_slots = list(range(self.scratch_slot - 1, -1, -1))
+        super().on_memory_released()  # drops every state
+        self._free_all_slots()
 
     def valid_slot(self, req: Request) -> int | None:
         """req's slot when its state is current (the catch-up of its last computed position), else None."""

@@ -214,6 +214,7 @@ class SpecDecoder:
 
     def stats(self) -> dict[str, Any]:
         v = self.num_verifies
+        fused = getattr(self.drafter, "fused", None)
         return {
             "spec_method": self.drafter.name,
             "spec_active": self.active,
@@ -227,9 +228,9 @@ class SpecDecoder:
             "spec_mean_accept_len": (self.num_accepted_tokens + v) / v if v else 0.0,
             "spec_verify_step_ms": 1e3 * self.verify_seconds / self.num_verify_steps if self.num_verify_steps else 0.0,
             "spec_drafter_errors": self.num_drafter_errors,
-            "spec_fused_steps": getattr(getattr(self.drafter, "fused", None), "num_steps", 0),
+            "spec_fused_steps": fused.num_steps if fused is not None else 0,
             # fused steps queued from the previous one's device state, before it was resolved
-            "spec_fused_continued": getattr(getattr(self.drafter, "fused", None), "num_continued", 0),
+            "spec_fused_continued": fused.num_continued if fused is not None else 0,
             **self.drafter.stats(),
         }
 
